@@ -1,0 +1,405 @@
+"""Repositories: the only place that speaks SQL; handlers and graph nodes call these."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import (
+    ChatSession,
+    MemoryRecord,
+    Message,
+    ProcessedUpdate,
+    Reservation,
+    Trace,
+    UsageDay,
+    User,
+    utcnow,
+)
+
+
+def _insert(db: AsyncSession, model: type) -> Any:
+    """A dialect insert, so ON CONFLICT works on both PostgreSQL and SQLite."""
+    dialect = db.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def utc_day(now: dt.datetime | None = None) -> dt.date:
+    return (now or utcnow()).astimezone(dt.UTC).date()
+
+
+def next_reset(now: dt.datetime | None = None) -> dt.datetime:
+    day = utc_day(now)
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
+class Users:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def get(self, user_id: int) -> User | None:
+        return await self.db.get(User, user_id)
+
+    async def ensure(self, user_id: int, language: str | None) -> User:
+        """The user's row, created race-free on first contact."""
+        stmt = _insert(self.db, User).values(
+            id=user_id, language=(language or "en")[:16], created_at=utcnow(), updated_at=utcnow()
+        )
+        await self.db.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+        user = await self.db.get(User, user_id, populate_existing=True)
+        assert user is not None
+        return user
+
+    async def set_role(self, user_id: int, role: str) -> None:
+        await self.db.execute(update(User).where(User.id == user_id).values(role=role))
+
+    async def set_instructions(self, user_id: int, instructions: str | None) -> None:
+        await self.db.execute(
+            update(User).where(User.id == user_id).values(instructions=instructions)
+        )
+
+    async def set_language(self, user_id: int, language: str) -> None:
+        await self.db.execute(
+            update(User).where(User.id == user_id).values(language=language[:16])
+        )
+
+
+class Sessions:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def open_for(self, user_id: int, chat_id: int) -> ChatSession | None:
+        stmt = select(ChatSession).where(
+            ChatSession.user_id == user_id,
+            ChatSession.chat_id == chat_id,
+            ChatSession.status == "open",
+        )
+        return (await self.db.execute(stmt)).scalar_one_or_none()
+
+    async def get(self, user_id: int, session_id: int) -> ChatSession | None:
+        """A session by id, only if it is this user's: ids from buttons are not trusted."""
+        stmt = select(ChatSession).where(
+            ChatSession.id == session_id, ChatSession.user_id == user_id
+        )
+        return (await self.db.execute(stmt)).scalar_one_or_none()
+
+    async def open(self, user_id: int, chat_id: int, role: str, title: str | None) -> ChatSession:
+        """Start a session; when another update opened one first, that one is returned."""
+        now = utcnow()
+        session = ChatSession(
+            user_id=user_id, chat_id=chat_id, role=role, title=title, status="open",
+            started_at=now, last_activity_at=now,
+        )
+        try:
+            async with self.db.begin_nested():
+                self.db.add(session)
+        except IntegrityError:
+            existing = await self.open_for(user_id, chat_id)
+            if existing is None:
+                raise
+            return existing
+        return session
+
+    async def touch(self, session_id: int, now: dt.datetime | None = None) -> None:
+        await self.db.execute(
+            update(ChatSession)
+            .where(ChatSession.id == session_id)
+            .values(last_activity_at=now or utcnow())
+        )
+
+    async def set_title(self, session_id: int, title: str) -> None:
+        await self.db.execute(
+            update(ChatSession).where(ChatSession.id == session_id).values(title=title)
+        )
+
+    async def close(
+        self, session_id: int, *, summary: str | None, reason: str, title: str | None = None
+    ) -> bool:
+        """Close an open session; False when it was already closed (or deleted) by someone else."""
+        values: dict[str, Any] = {
+            "status": "closed", "ended_at": utcnow(), "end_reason": reason, "summary": summary,
+        }
+        if title is not None:
+            values["title"] = title
+        result = await self.db.execute(
+            update(ChatSession)
+            .where(ChatSession.id == session_id, ChatSession.status == "open")
+            .values(**values)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+    async def list_for(self, user_id: int, offset: int, limit: int) -> tuple[list[ChatSession], int]:
+        total = await self.db.scalar(
+            select(func.count()).select_from(ChatSession).where(ChatSession.user_id == user_id)
+        )
+        stmt = (
+            select(ChatSession)
+            .where(ChatSession.user_id == user_id)
+            .order_by(ChatSession.started_at.desc(), ChatSession.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        return list((await self.db.execute(stmt)).scalars()), int(total or 0)
+
+    async def idle_since(self, cutoff: dt.datetime, limit: int = 100) -> list[ChatSession]:
+        stmt = (
+            select(ChatSession)
+            .where(ChatSession.status == "open", ChatSession.last_activity_at < cutoff)
+            .order_by(ChatSession.last_activity_at)
+            .limit(limit)
+        )
+        return list((await self.db.execute(stmt)).scalars())
+
+
+class Messages:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def add_user_message(
+        self, *, session_id: int, user_id: int, chat_id: int, text: str,
+        update_id: int | None, tokens: int,
+    ) -> Message | None:
+        """Store the user's message before anything else; None when the update was seen before."""
+        message = Message(
+            session_id=session_id, user_id=user_id, chat_id=chat_id, role="user", text=text,
+            status="pending", prompt_tokens=tokens, update_id=update_id,
+        )
+        try:
+            async with self.db.begin_nested():
+                self.db.add(message)
+        except IntegrityError:
+            if update_id is not None and await self.by_update_id(update_id) is not None:
+                return None
+            raise
+        return message
+
+    async def by_update_id(self, update_id: int) -> Message | None:
+        stmt = select(Message).where(Message.update_id == update_id)
+        return (await self.db.execute(stmt)).scalar_one_or_none()
+
+    async def add_answer(
+        self, *, question: Message, text: str, status: str,
+        prompt_tokens: int, completion_tokens: int,
+    ) -> Message:
+        answer = Message(
+            session_id=question.session_id, user_id=question.user_id, chat_id=question.chat_id,
+            role="assistant", text=text, status=status, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, reply_to=question.id,
+        )
+        self.db.add(answer)
+        await self.set_status(question.id, "answered")
+        return answer
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        await self.db.execute(update(Message).where(Message.id == message_id).values(status=status))
+
+    async def history(self, session_id: int, limit: int, before_id: int | None = None) -> list[Message]:
+        """The latest answered exchanges of a session, oldest first."""
+        stmt = select(Message).where(
+            Message.session_id == session_id, Message.status.in_(("answered", "complete", "partial"))
+        )
+        if before_id is not None:
+            stmt = stmt.where(Message.id < before_id)
+        stmt = stmt.order_by(Message.id.desc()).limit(limit)
+        return list(reversed((await self.db.execute(stmt)).scalars().all()))
+
+    async def for_session(self, session_id: int) -> list[Message]:
+        stmt = select(Message).where(Message.session_id == session_id).order_by(Message.id)
+        return list((await self.db.execute(stmt)).scalars())
+
+    async def pending_since(self, cutoff: dt.datetime) -> list[Message]:
+        stmt = (
+            select(Message)
+            .where(Message.role == "user", Message.status == "pending", Message.created_at >= cutoff)
+            .order_by(Message.id)
+        )
+        return list((await self.db.execute(stmt)).scalars())
+
+
+@dataclass(frozen=True)
+class Reserved:
+    id: str
+    amount: int
+    day: dt.date
+
+
+@dataclass(frozen=True)
+class OverBudget:
+    used: int
+    reserved: int
+    limit: int
+    resets_at: dt.datetime
+
+
+class Budget:
+    """The daily ledger: reserve atomically before a call, settle with the real usage after."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def reserve(
+        self, user_id: int, amount: int, limit: int, *, ttl_seconds: int,
+        now: dt.datetime | None = None,
+    ) -> Reserved | OverBudget:
+        now = now or utcnow()
+        day = utc_day(now)
+        await self.db.execute(
+            _insert(self.db, UsageDay)
+            .values(user_id=user_id, day=day, used=0, reserved=0)
+            .on_conflict_do_nothing(index_elements=["user_id", "day"])
+        )
+        # One conditional UPDATE is the whole admission check: concurrent reservations
+        # serialise on the row, and the WHERE is re-checked after the wait.
+        admitted = await self.db.execute(
+            update(UsageDay)
+            .where(
+                UsageDay.user_id == user_id,
+                UsageDay.day == day,
+                UsageDay.used + UsageDay.reserved + amount <= limit,
+            )
+            .values(reserved=UsageDay.reserved + amount)
+            .returning(UsageDay.used)
+        )
+        if admitted.first() is None:
+            row = (await self.db.execute(
+                select(UsageDay.used, UsageDay.reserved).where(
+                    UsageDay.user_id == user_id, UsageDay.day == day
+                )
+            )).one()
+            return OverBudget(row.used, row.reserved, limit, next_reset(now))
+        reservation = Reservation(
+            id=str(uuid.uuid4()), user_id=user_id, day=day, amount=amount, created_at=now,
+            expires_at=now + dt.timedelta(seconds=ttl_seconds),
+        )
+        self.db.add(reservation)
+        return Reserved(reservation.id, amount, day)
+
+    async def remaining(self, user_id: int, limit: int, now: dt.datetime | None = None) -> int:
+        row = (await self.db.execute(
+            select(UsageDay.used, UsageDay.reserved).where(
+                UsageDay.user_id == user_id, UsageDay.day == utc_day(now)
+            )
+        )).first()
+        return limit if row is None else max(0, limit - row.used - row.reserved)
+
+    async def settle(self, reservation_id: str, actual: int | None) -> int | None:
+        """Replace a reservation by the real usage (the full reservation when usage is unknown).
+
+        Idempotent: the reservation row is claimed by DELETE ... RETURNING, so a second
+        settle (a retry, the sweeper) finds nothing and charges nothing.
+        """
+        claimed = (await self.db.execute(
+            delete(Reservation)
+            .where(Reservation.id == reservation_id)
+            .returning(Reservation.user_id, Reservation.day, Reservation.amount)
+        )).first()
+        if claimed is None:
+            return None
+        charge = claimed.amount if actual is None else actual
+        await self.db.execute(
+            update(UsageDay)
+            .where(UsageDay.user_id == claimed.user_id, UsageDay.day == claimed.day)
+            .values(reserved=UsageDay.reserved - claimed.amount, used=UsageDay.used + charge)
+        )
+        return charge
+
+    async def charge(self, user_id: int, tokens: int, now: dt.datetime | None = None) -> None:
+        """Charge work that is not refused for budget (a session's summary)."""
+        day = utc_day(now)
+        await self.db.execute(
+            _insert(self.db, UsageDay)
+            .values(user_id=user_id, day=day, used=0, reserved=0)
+            .on_conflict_do_nothing(index_elements=["user_id", "day"])
+        )
+        await self.db.execute(
+            update(UsageDay)
+            .where(UsageDay.user_id == user_id, UsageDay.day == day)
+            .values(used=UsageDay.used + tokens)
+        )
+
+    async def expired(self, now: dt.datetime | None = None) -> list[str]:
+        stmt = select(Reservation.id).where(Reservation.expires_at < (now or utcnow()))
+        return list((await self.db.execute(stmt)).scalars())
+
+    async def day(self, user_id: int, now: dt.datetime | None = None) -> UsageDay | None:
+        return await self.db.get(UsageDay, (user_id, utc_day(now)))
+
+
+class Memories:
+    """Long-term memory records as rows (the local backend's storage)."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def upsert(self, record: MemoryRecord) -> None:
+        await self.db.merge(record)
+
+    async def for_user(self, user_id: int) -> Sequence[MemoryRecord]:
+        stmt = select(MemoryRecord).where(MemoryRecord.user_id == user_id).order_by(
+            MemoryRecord.created_at
+        )
+        return (await self.db.execute(stmt)).scalars().all()
+
+    async def by_ids(self, user_id: int, ids: Sequence[str]) -> list[MemoryRecord]:
+        if not ids:
+            return []
+        stmt = select(MemoryRecord).where(
+            MemoryRecord.user_id == user_id, MemoryRecord.id.in_(list(ids))
+        )
+        return list((await self.db.execute(stmt)).scalars())
+
+    async def count(self, user_id: int) -> int:
+        return int(await self.db.scalar(
+            select(func.count()).select_from(MemoryRecord).where(MemoryRecord.user_id == user_id)
+        ) or 0)
+
+    async def delete_for(self, user_id: int) -> int:
+        result = await self.db.execute(delete(MemoryRecord).where(MemoryRecord.user_id == user_id))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+class Traces:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    def add(self, trace: Trace) -> None:
+        self.db.add(trace)
+
+    async def recent(self, limit: int = 20) -> list[Trace]:
+        stmt = select(Trace).order_by(Trace.started_at.desc()).limit(limit)
+        return list((await self.db.execute(stmt)).scalars())
+
+    async def get(self, trace_id: str) -> Trace | None:
+        stmt = select(Trace).where(Trace.id.startswith(trace_id)).limit(2)
+        found = list((await self.db.execute(stmt)).scalars())
+        return found[0] if len(found) == 1 else None
+
+
+class Updates:
+    """Update ids already taken in (deduplication that survives restarts)."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def claim(self, update_id: int, user_id: int | None) -> bool:
+        """True the first time an update id is seen, False for a redelivery."""
+        result = await self.db.execute(
+            _insert(self.db, ProcessedUpdate)
+            .values(update_id=update_id, user_id=user_id, received_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["update_id"])
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+    async def forget_before(self, cutoff: dt.datetime) -> int:
+        result = await self.db.execute(
+            delete(ProcessedUpdate).where(ProcessedUpdate.received_at < cutoff)
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+

@@ -1,0 +1,127 @@
+"""Shared fixtures: encryption, and storage on both SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from storage import crypto
+from storage.db import create_engine, migrate, session_maker
+from storage.models import Base
+
+# Tests never reach the network; LangSmith must not try.
+os.environ["LANGSMITH_TRACING"] = "false"
+os.environ.pop("LANGCHAIN_TRACING_V2", None)
+
+PG_ADMIN_URL = os.environ.get(
+    "DESKTOP_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_PG = os.environ.get("DESKTOP_REQUIRE_PG") == "1"
+
+
+@pytest.fixture(autouse=True)
+def cipher() -> Iterator[crypto.Cipher]:
+    """Every test runs with its own fresh key installed."""
+    installed = crypto.Cipher([Fernet.generate_key().decode()])
+    crypto.configure(installed)
+    yield installed
+
+
+async def _create_pg_database(name: str) -> None:
+    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await admin.dispose()
+
+
+async def _drop_pg_database(name: str) -> None:
+    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated once, dropped at the end."""
+    name = f"desktop_test_{uuid.uuid4().hex[:10]}"
+    try:
+        asyncio.run(_create_pg_database(name))
+    except (OSError, Exception) as exc:  # noqa: BLE001 - any connect failure means "no server"
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL is required (DESKTOP_REQUIRE_PG=1) but unreachable: {exc!r}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc!r}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    async def _migrate() -> None:
+        engine = create_engine(url)
+        await migrate(engine)
+        await engine.dispose()
+
+    asyncio.run(_migrate())
+    yield url
+    asyncio.run(_drop_pg_database(name))
+
+
+async def _truncate(engine: AsyncEngine) -> None:
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(db_url)
+    if engine.dialect.name == "postgresql":
+        await _truncate(engine)
+    else:
+        await migrate(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return session_maker(engine)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgresql" in item.nodeid:
+            item.add_marker(pytest.mark.postgres)
+
+
+_postgres_passed = 0
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    global _postgres_passed
+    if report.when == "call" and report.passed and "postgres" in report.keywords:
+        _postgres_passed += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With DESKTOP_REQUIRE_PG=1 (CI), a run in which no PostgreSQL test passed is a failure."""
+    if REQUIRE_PG and exitstatus == 0 and session.testscollected and _postgres_passed == 0:
+        print("\nFAILED: DESKTOP_REQUIRE_PG=1 but no PostgreSQL test passed")
+        session.exitstatus = 1

@@ -1,0 +1,228 @@
+"""Storage on SQLite and PostgreSQL: schema, repositories, encryption at rest, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import subprocess
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from storage import crypto
+from storage.data_rights import delete_user, export_user
+from storage.repositories import Budget, Messages, OverBudget, Reserved, Sessions, Updates, Users
+from storage.rotation import rotate_all
+
+CANARY = "canary-7f3a the launch code is tangerine"
+
+
+async def _seed_conversation(sessions: async_sessionmaker[AsyncSession], user_id: int) -> int:
+    async with sessions() as db:
+        await Users(db).ensure(user_id, "en")
+        chat = await Sessions(db).open(user_id, user_id, "coder", title=f"{CANARY} title")
+        question = await Messages(db).add_user_message(
+            session_id=chat.id, user_id=user_id, chat_id=user_id, text=CANARY,
+            update_id=user_id * 10, tokens=5,
+        )
+        assert question is not None
+        await Messages(db).add_answer(
+            question=question, text=f"answer to {CANARY}", status="complete",
+            prompt_tokens=10, completion_tokens=4,
+        )
+        await db.commit()
+        return chat.id
+
+
+async def test_user_created_once_with_bigint_id(sessions: async_sessionmaker[AsyncSession]) -> None:
+    big_id = 2**52 + 7  # Telegram ids can exceed 32 bits
+    async with sessions() as db:
+        first = await Users(db).ensure(big_id, "ru")
+        second = await Users(db).ensure(big_id, "en")
+        await db.commit()
+    assert first.id == second.id == big_id
+    assert second.language == "ru"  # the first contact's language is kept
+
+
+async def test_one_open_session_per_chat_even_when_racing(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as db:
+        await Users(db).ensure(1, "en")
+        await db.commit()
+
+    async def open_one() -> int:
+        async with sessions() as db:
+            chat = await Sessions(db).open(1, 1, "coder", None)
+            await db.commit()
+            return chat.id
+
+    ids = await asyncio.gather(*(open_one() for _ in range(5)), return_exceptions=True)
+    opened = {i for i in ids if isinstance(i, int)}
+    assert len(opened) == 1, ids
+
+
+async def test_redelivered_update_is_not_stored_twice(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await _seed_conversation(sessions, 5)
+    async with sessions() as db:
+        chat = await Sessions(db).open_for(5, 5)
+        assert chat is not None
+        again = await Messages(db).add_user_message(
+            session_id=chat.id, user_id=5, chat_id=5, text="dup", update_id=50, tokens=1
+        )
+        await db.commit()
+        assert again is None
+        assert len(await Messages(db).for_session(chat.id)) == 2
+
+
+async def test_update_claim_is_first_wins(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as db:
+        assert await Updates(db).claim(2**40, 1) is True
+        assert await Updates(db).claim(2**40, 1) is False
+        assert await Updates(db).claim(17, 1) is True  # a lower, reseeded id is still new
+        await db.commit()
+
+
+async def test_message_text_is_not_stored_in_plain_form(
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine
+) -> None:
+    await _seed_conversation(sessions, 7)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT text FROM messages"))).all()
+        titles = (await conn.execute(text("SELECT title FROM chat_sessions"))).all()
+    raw = b"".join(bytes(r[0]) for r in rows + titles)
+    assert rows and CANARY.encode() not in raw
+    assert b"tangerine" not in raw
+    async with sessions() as db:
+        chat = await Sessions(db).open_for(7, 7)
+        assert chat is not None and chat.title == f"{CANARY} title"
+        texts = [m.text for m in await Messages(db).for_session(chat.id)]
+    assert texts == [CANARY, f"answer to {CANARY}"]
+
+
+@pytest.mark.postgres
+async def test_pg_dump_holds_no_plaintext(pg_url: str, cipher: crypto.Cipher) -> None:
+    from storage.db import create_engine, session_maker
+
+    if shutil.which("pg_dump") is None:
+        pytest.fail("pg_dump is not installed")
+    engine = create_engine(pg_url)
+    try:
+        await _seed_conversation(session_maker(engine), 11)
+    finally:
+        await engine.dispose()
+    dbname = pg_url.rsplit("/", 1)[1]
+    dump = subprocess.run(
+        ["pg_dump", "-h", "127.0.0.1", "-U", "postgres", "--data-only", dbname],
+        capture_output=True, check=True, env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+    ).stdout
+    assert b"INSERT" in dump or b"COPY" in dump
+    assert b"tangerine" not in dump
+
+
+async def test_wrong_key_fails_loudly(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _seed_conversation(sessions, 9)
+    crypto.configure(crypto.Cipher([Fernet.generate_key().decode()]))
+    with pytest.raises(crypto.DecryptionError):
+        async with sessions() as db:
+            await Sessions(db).open_for(9, 9)
+
+
+async def test_rotation_keeps_everything_readable(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    old_key = Fernet.generate_key().decode()
+    new_key = Fernet.generate_key().decode()
+    crypto.configure(crypto.Cipher([old_key]))
+    chat_id = await _seed_conversation(sessions, 21)
+    async with sessions() as db:
+        await Users(db).set_instructions(21, f"call me {CANARY}")
+        await db.commit()
+
+    crypto.configure(crypto.Cipher([new_key, old_key]))
+    async with sessions() as db:  # both keys: old rows still read
+        assert [m.text for m in await Messages(db).for_session(chat_id)][0] == CANARY
+    rewritten = await rotate_all(sessions)
+    assert rewritten["messages.text"] == 2
+    assert rewritten["users.instructions"] == 1
+    assert await rotate_all(sessions) == {k: 0 for k in rewritten}  # idempotent
+
+    crypto.configure(crypto.Cipher([new_key]))  # old key removed
+    async with sessions() as db:
+        assert [m.text for m in await Messages(db).for_session(chat_id)] == [
+            CANARY, f"answer to {CANARY}"
+        ]
+        user = await Users(db).get(21)
+        assert user is not None and user.instructions == f"call me {CANARY}"
+        chat = await Sessions(db).get(21, chat_id)
+        assert chat is not None and chat.title == f"{CANARY} title"
+
+
+async def test_budget_reservations_never_exceed_limit_under_concurrency(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as db:
+        await Users(db).ensure(3, "en")
+        await db.commit()
+
+    async def reserve() -> Reserved | OverBudget:
+        async with sessions() as db:
+            outcome = await Budget(db).reserve(3, 300, 1000, ttl_seconds=60)
+            await db.commit()
+            return outcome
+
+    outcomes = await asyncio.gather(*(reserve() for _ in range(12)))
+    admitted = [o for o in outcomes if isinstance(o, Reserved)]
+    assert len(admitted) == 3
+    async with sessions() as db:
+        day = await Budget(db).day(3)
+        assert day is not None and day.used + day.reserved == 900
+
+        # settle: the real usage replaces the reservation; a second settle charges nothing
+        assert await Budget(db).settle(admitted[0].id, 120) == 120
+        assert await Budget(db).settle(admitted[0].id, 120) is None
+        # usage never arrived: the whole reservation is charged
+        assert await Budget(db).settle(admitted[1].id, None) == 300
+        await db.commit()
+        day = await Budget(db).day(3)
+        assert day is not None and (day.used, day.reserved) == (420, 300)
+
+
+async def test_expired_reservations_are_found(sessions: async_sessionmaker[AsyncSession]) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    async with sessions() as db:
+        await Users(db).ensure(4, "en")
+        outcome = await Budget(db).reserve(4, 10, 100, ttl_seconds=60, now=past)
+        await db.commit()
+        assert isinstance(outcome, Reserved)
+        assert await Budget(db).expired() == [outcome.id]
+
+
+async def test_export_and_delete_cover_one_user_only(
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine
+) -> None:
+    await _seed_conversation(sessions, 31)
+    await _seed_conversation(sessions, 32)
+    async with sessions() as db:
+        exported = await export_user(db, 31)
+    assert exported["version"] == 1
+    texts = [m["text"] for s in exported["sessions"] for m in s["messages"]]
+    assert texts == [CANARY, f"answer to {CANARY}"]
+    assert all(s["chat_id"] == 31 for s in exported["sessions"])
+
+    async with sessions() as db:
+        receipt = await delete_user(db, 31)
+        await db.commit()
+    assert (receipt.messages, receipt.sessions) == (2, 1)
+    async with engine.connect() as conn:
+        for table in ("users", "chat_sessions", "messages", "usage_days", "memories"):
+            column = "id" if table == "users" else "user_id"
+            left = await conn.scalar(text(f"SELECT count(*) FROM {table} WHERE {column} = 31"))
+            assert left == 0, table
+        assert await conn.scalar(text("SELECT count(*) FROM messages WHERE user_id = 32")) == 2
