@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.fernet import Fernet
@@ -16,6 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from storage import crypto
 from storage.db import create_engine, migrate, session_maker
 from storage.models import Base
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
+    from settings import Settings
+    from tests.fakes.openai import FakeOpenAI
 
 # Tests never reach the network; LangSmith must not try.
 os.environ["LANGSMITH_TRACING"] = "false"
@@ -125,3 +132,74 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if REQUIRE_PG and exitstatus == 0 and session.testscollected and _postgres_passed == 0:
         print("\nFAILED: DESKTOP_REQUIRE_PG=1 but no PostgreSQL test passed")
         session.exitstatus = 1
+
+
+# --- the agent over real HTTP to the fake OpenAI server ---------------------------------
+
+PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator["FakeOpenAI"]:
+    from tests.fakes.openai import FakeOpenAI
+
+    async with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def prompts_dir(tmp_path: Path) -> Path:
+    """A private copy of the role files, so a test may edit or break them."""
+    target = tmp_path / "prompts"
+    shutil.copytree(PROJECT_PROMPTS, target)
+    return target
+
+
+def make_settings(tmp_path: Path, base_url: str, db_url: str, prompts: Path, **overrides: object) -> "Settings":
+    from settings import Settings
+
+    values: dict[str, object] = dict(
+        openai_api_key="sk-test", openai_base_url=base_url, database_url=db_url,
+        data_dir=tmp_path / "data", prompts_dir=prompts, daily_token_limit=100_000,
+        model_timeout=2.0, model_max_attempts=3, model_retry_base_delay=0.01,
+        chat_model="gpt-4o", summary_model="gpt-4o-mini", telegram_token=None,
+    )
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def make_agent(settings: "Settings", sessions: async_sessionmaker[AsyncSession]) -> "Agent":
+    from graph.agent import Agent
+    from graph.context import Services
+    from graph.model import ModelGateway
+    from graph.roles import RoleRegistry
+    from memory.local import LocalMemory
+
+    models = ModelGateway(
+        api_key=settings.openai_api_key.get_secret_value(), base_url=settings.openai_base_url,
+        embedding_model=settings.embedding_model, timeout=settings.model_timeout,
+        max_attempts=settings.model_max_attempts, retry_base_delay=settings.model_retry_base_delay,
+    )
+    services = Services(
+        settings=settings, sessions=sessions,
+        roles=RoleRegistry(settings.prompts_dir, check_interval=0),
+        memory=LocalMemory(sessions), models=models,
+    )
+    return Agent(services)
+
+
+@pytest.fixture
+def agent_factory(
+    tmp_path: Path, fake_openai: "FakeOpenAI", db_url: str, sessions: async_sessionmaker[AsyncSession],
+    prompts_dir: Path,
+) -> Callable[..., "Agent"]:
+    def build(**overrides: object) -> "Agent":
+        settings = make_settings(tmp_path, fake_openai.base_url, db_url, prompts_dir, **overrides)
+        return make_agent(settings, sessions)
+
+    return build
+
+
+@pytest.fixture
+def agent(agent_factory: Callable[..., "Agent"]) -> "Agent":
+    return agent_factory()

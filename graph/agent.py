@@ -1,0 +1,295 @@
+"""The agent as front ends see it: messages in, streamed events out; sessions; data rights."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langgraph.graph.state import CompiledStateGraph
+
+from graph.builder import build_summary_graph, build_turn_graph
+from graph.context import Services, SummaryContext, TurnContext
+from graph.roles import Role
+from graph.tokens import count_tokens
+from graph.tracing import RunTrace
+from storage.data_rights import DeletionReceipt, delete_user, export_user
+from storage.models import ChatSession, User
+from storage.repositories import Budget, Messages, Sessions, Traces, Users, utc_day
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    session_id: int
+    automatic: bool
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str  # the newly generated piece, not the whole answer so far
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    complete: bool  # False: the stream was cut and this is what arrived
+    charged: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    used: int
+    limit: int
+    resets_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted"]
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The update was taken in before: nothing is answered or charged again."""
+
+
+TurnEvent = SessionStarted | Delta | Answer | Refusal | Failure | Duplicate
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    session_id: int
+    outcome: str  # summarised | empty | failed | already_closed
+    title: str | None
+    summary: str | None
+
+
+@dataclass(frozen=True)
+class Profile:
+    user: User
+    role: Role
+
+
+class Agent:
+    """One instance per process; the compiled graphs are shared by every run."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.turn_graph: CompiledStateGraph = build_turn_graph().compile()
+        self.summary_graph: CompiledStateGraph = build_summary_graph().compile()
+        # Messages of one chat are answered in arrival order; other chats do not wait.
+        self._chat_locks: dict[int, asyncio.Lock] = {}
+
+    # --- users and roles ---------------------------------------------------------------
+
+    async def profile(self, user_id: int, language: str | None) -> Profile:
+        async with self.services.sessions() as db:
+            user = await Users(db).ensure(user_id, language)
+            await db.commit()
+        return Profile(user, self.role_for(user.role))
+
+    def role_for(self, role_id: str | None) -> Role:
+        roles = self.services.roles
+        role = roles.get(role_id) if role_id else None
+        if role is None:
+            role = roles.get(roles.default_role_id)
+        if role is None:
+            raise RuntimeError(f"no usable role file in {self.services.settings.prompts_dir}")
+        return role
+
+    async def set_role(self, user_id: int, role_id: str) -> Role | None:
+        role = self.services.roles.get(role_id)
+        if role is None:
+            return None
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            await Users(db).set_role(user_id, role_id)
+            await db.commit()
+        return role
+
+    async def set_instructions(self, user_id: int, instructions: str | None) -> None:
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            await Users(db).set_instructions(user_id, instructions or None)
+            await db.commit()
+
+    # --- the message path ----------------------------------------------------------------
+
+    async def handle_message(
+        self, *, user_id: int, chat_id: int, text: str, update_id: int | None,
+        language: str | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        lock = self._chat_locks.setdefault(chat_id, asyncio.Lock())
+        async with lock:
+            try:
+                async for event in self._turn(user_id, chat_id, text, update_id, language):
+                    yield event
+            finally:
+                if not lock._waiters:  # type: ignore[attr-defined]  # keep the dict small
+                    self._chat_locks.pop(chat_id, None)
+
+    async def _turn(
+        self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
+    ) -> AsyncIterator[TurnEvent]:
+        stored = await self._store_question(user_id, chat_id, text, update_id, language)
+        if stored is None:
+            yield Duplicate()
+            return
+        session, question_id, user, started = stored
+        if started:
+            yield SessionStarted(session.id, automatic=True)
+        trace = RunTrace("turn", user_id, session.id)
+        context = TurnContext(
+            services=self.services, user_id=user_id, chat_id=chat_id, session_id=session.id,
+            question_id=question_id, role=self.role_for(session.role),
+            instructions=user.instructions, trace=trace,
+        )
+        final: dict[str, Any] = {}
+        try:
+            async for mode, data in self.turn_graph.astream(
+                {"text": text}, context=context, stream_mode=["custom", "values"]
+            ):
+                if mode == "custom":
+                    yield Delta(data["delta"])
+                else:
+                    final = data
+        except Exception as exc:
+            trace.outcome = "crashed"
+            trace.error = trace.error or type(exc).__name__
+            raise
+        finally:
+            await self._save_trace(trace)
+        yield self._final_event(final)
+
+    async def _store_question(
+        self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
+    ) -> tuple[ChatSession, int, User, bool] | None:
+        """Durably store the message before the model is called; None for a redelivery."""
+        async with self.services.sessions() as db:
+            user = await Users(db).ensure(user_id, language)
+            sessions = Sessions(db)
+            session = await sessions.open_for(user_id, chat_id)
+            started = session is None
+            if session is None:
+                session = await sessions.open(user_id, chat_id, self.role_for(user.role).id, None)
+            question = await Messages(db).add_user_message(
+                session_id=session.id, user_id=user_id, chat_id=chat_id, text=text,
+                update_id=update_id, tokens=count_tokens(text, self.services.settings.chat_model),
+            )
+            if question is None:
+                await db.rollback()
+                return None
+            await sessions.touch(session.id)
+            await db.commit()
+            return session, question.id, user, started
+
+    @staticmethod
+    def _final_event(final: dict[str, Any]) -> TurnEvent:
+        outcome = final.get("outcome")
+        if outcome == "refused":
+            refusal = final["refusal"]
+            return Refusal(refusal.used + refusal.reserved, refusal.limit, refusal.resets_at)
+        if outcome == "deleted":
+            return Failure("deleted")
+        result = final.get("result")
+        if outcome in ("answered", "partial") and result is not None:
+            return Answer(result.text, outcome == "answered", final.get("charged", 0))
+        return Failure(result.fault if result is not None and result.fault else "error")
+
+    async def _save_trace(self, trace: RunTrace) -> None:
+        try:
+            async with self.services.sessions() as db:
+                if await db.get(User, trace.user_id) is None:
+                    return  # the user was deleted meanwhile: their trace is not re-created
+                Traces(db).add(trace.to_row())
+                await db.commit()
+        except Exception as exc:  # noqa: BLE001 - a lost trace must never cost the user an answer
+            log.warning("trace not saved: %s", type(exc).__name__)
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def start_session(
+        self, user_id: int, chat_id: int, title: str | None, language: str | None = None
+    ) -> tuple[SessionEnd | None, ChatSession]:
+        """End the open session (with its summary), then open a new one."""
+        ended = await self.end_session(user_id, chat_id, reason="new_session")
+        async with self.services.sessions() as db:
+            user = await Users(db).ensure(user_id, language)
+            session = await Sessions(db).open(user_id, chat_id, self.role_for(user.role).id, title)
+            await db.commit()
+        return ended, session
+
+    async def end_session(self, user_id: int, chat_id: int, reason: str = "command") -> SessionEnd | None:
+        async with self.services.sessions() as db:
+            session = await Sessions(db).open_for(user_id, chat_id)
+        if session is None:
+            return None
+        return await self.summarise_session(session, reason)
+
+    async def summarise_session(self, session: ChatSession, reason: str) -> SessionEnd:
+        trace = RunTrace("summarise", session.user_id, session.id)
+        context = SummaryContext(
+            services=self.services, user_id=session.user_id, session_id=session.id,
+            role_id=session.role, title=session.title, reason=reason, trace=trace,
+        )
+        try:
+            final = await self.summary_graph.ainvoke({}, context=context)
+        finally:
+            await self._save_trace(trace)
+        return SessionEnd(session.id, final["outcome"], final.get("title"), final.get("summary"))
+
+    async def list_sessions(
+        self, user_id: int, offset: int, limit: int
+    ) -> tuple[list[ChatSession], int]:
+        async with self.services.sessions() as db:
+            return await Sessions(db).list_for(user_id, offset, limit)
+
+    async def get_session(self, user_id: int, session_id: int) -> ChatSession | None:
+        async with self.services.sessions() as db:
+            return await Sessions(db).get(user_id, session_id)
+
+    async def usage_today(self, user_id: int) -> tuple[int, int]:
+        async with self.services.sessions() as db:
+            day = await Budget(db).day(user_id)
+        used = 0 if day is None else day.used + day.reserved
+        return used, self.services.settings.daily_token_limit
+
+    # --- data rights ---------------------------------------------------------------------
+
+    async def export_data(self, user_id: int) -> dict[str, Any]:
+        async with self.services.sessions() as db:
+            document = await export_user(db, user_id)
+        extra = await self.services.memory.export_user(user_id)
+        if extra:
+            document["memories"].extend(extra)
+        return document
+
+    async def delete_data(self, user_id: int) -> DeletionReceipt:
+        memories = await self.services.memory.delete_user(user_id)
+        async with self.services.sessions() as db:
+            receipt = await delete_user(db, user_id)
+            await db.commit()
+        # Local memory rows go with the SQL delete; count them once.
+        if memories and not receipt.memories:
+            receipt = DeletionReceipt(
+                receipt.messages, receipt.sessions, memories, receipt.usage_days, receipt.traces
+            )
+        return receipt
+
+    async def sweep_reservations(self) -> int:
+        """Settle reservations a crash left behind (charged in full: the call may have run)."""
+        async with self.services.sessions() as db:
+            expired = await Budget(db).expired()
+            for reservation_id in expired:
+                await Budget(db).settle(reservation_id, None)
+            await db.commit()
+        return len(expired)
+
+    @staticmethod
+    def today() -> dt.date:
+        return utc_day()

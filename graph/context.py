@@ -1,0 +1,49 @@
+"""What a graph run may use: the long-lived services and this call's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from graph.model import ModelGateway
+from graph.roles import Role, RoleRegistry
+from graph.tracing import RunTrace
+from memory.base import MemoryStore
+from settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    """Created once at start-up (bot.py) and shared by every run."""
+
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    roles: RoleRegistry
+    memory: MemoryStore
+    models: ModelGateway
+
+
+@dataclass
+class TurnContext:
+    """Passed at invoke time as Runtime[TurnContext]: who is asking, in which session."""
+
+    services: Services
+    user_id: int
+    chat_id: int
+    session_id: int
+    question_id: int
+    role: Role
+    instructions: str | None
+    trace: RunTrace
+
+
+@dataclass
+class SummaryContext:
+    services: Services
+    user_id: int
+    session_id: int
+    role_id: str
+    title: str | None
+    reason: str  # command | new_session | idle
+    trace: RunTrace

@@ -1,0 +1,38 @@
+"""The state one graph run carries from node to node."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from langchain_core.messages import BaseMessage
+
+from graph.model import ModelResult
+from memory.base import MemoryHit
+from storage.repositories import OverBudget, Reserved
+
+
+class TurnState(TypedDict, total=False):
+    """One user message on its way to an answer."""
+
+    text: str
+    memories: list[MemoryHit]
+    memory_failed: bool
+    prompt: list[BaseMessage]
+    prompt_tokens: int
+    max_tokens: int
+    reservation: Reserved | None
+    refusal: OverBudget | None
+    result: ModelResult | None
+    charged: int
+    outcome: str  # answered | partial | refused | failed | deleted
+
+
+class SummaryState(TypedDict, total=False):
+    """A session on its way to long-term memory."""
+
+    transcript: list[tuple[str, str]]  # (role, text), oldest first
+    summary: str | None
+    title: str | None
+    result: ModelResult | None
+    remembered: bool
+    outcome: str  # summarised | empty | failed | already_closed
