@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from langgraph.graph.state import CompiledStateGraph
+from sqlalchemy.exc import IntegrityError
 
 from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
@@ -18,7 +19,7 @@ from graph.tokens import count_tokens
 from graph.tracing import RunTrace
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, User
-from storage.repositories import Budget, Messages, Sessions, Traces, Users, utc_day
+from storage.repositories import Budget, Messages, Sessions, Traces, Users
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 class SessionStarted:
     session_id: int
     automatic: bool
+    role: Role
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,13 @@ class Agent:
             yield Duplicate()
             return
         session, question_id, user, started = stored
+        role = self.role_for(session.role)
         if started:
-            yield SessionStarted(session.id, automatic=True)
+            yield SessionStarted(session.id, automatic=True, role=role)
         trace = RunTrace("turn", user_id, session.id)
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id, session_id=session.id,
-            question_id=question_id, role=self.role_for(session.role),
+            question_id=question_id, role=role,
             instructions=user.instructions, trace=trace,
         )
         final: dict[str, Any] = {}
@@ -158,6 +161,11 @@ class Agent:
                     yield Delta(data["delta"])
                 else:
                     final = data
+        except IntegrityError:
+            # The user deleted their data while this turn ran: nothing is written back.
+            trace.outcome = "deleted"
+            yield Failure("deleted")
+            return
         except Exception as exc:
             trace.outcome = "crashed"
             trace.error = trace.error or type(exc).__name__
@@ -198,7 +206,8 @@ class Agent:
             return Failure("deleted")
         result = final.get("result")
         if outcome in ("answered", "partial") and result is not None:
-            return Answer(result.text, outcome == "answered", final.get("charged", 0))
+            complete = outcome == "answered" and not result.truncated
+            return Answer(result.text, complete, final.get("charged", 0))
         return Failure(result.fault if result is not None and result.fault else "error")
 
     async def _save_trace(self, trace: RunTrace) -> None:
@@ -290,6 +299,3 @@ class Agent:
             await db.commit()
         return len(expired)
 
-    @staticmethod
-    def today() -> dt.date:
-        return utc_day()

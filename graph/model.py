@@ -30,6 +30,7 @@ class ModelResult:
     fault: FaultKind | None = None
     attempts: int = 1
     error: str | None = None  # the exception class name: never its message (it may quote input)
+    truncated: bool = False  # the model stopped at max_tokens, mid-answer
 
     @property
     def usage_known(self) -> bool:
@@ -128,6 +129,7 @@ class ModelGateway:
             attempt += 1
             parts: list[str] = []
             usage: dict[str, Any] | None = None
+            truncated = False
             try:
                 async for chunk in llm.astream(messages, max_tokens=max_tokens):
                     if chunk.content:
@@ -139,6 +141,8 @@ class ModelGateway:
                                 await maybe
                     if chunk.usage_metadata:
                         usage = dict(chunk.usage_metadata)
+                    if chunk.response_metadata.get("finish_reason") == "length":
+                        truncated = True
             except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
                 kind = classify(exc)
                 if parts:
@@ -149,10 +153,10 @@ class ModelGateway:
                 log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempt)
                 return ModelResult("", None, None, kind, attempt, type(exc).__name__)
             if usage is None:
-                return ModelResult("".join(parts), None, None, None, attempt)
+                return ModelResult("".join(parts), None, None, None, attempt, truncated=truncated)
             return ModelResult(
                 "".join(parts), int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)),
-                None, attempt,
+                None, attempt, truncated=truncated,
             )
 
     async def complete(

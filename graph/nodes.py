@@ -249,13 +249,14 @@ def _fit_transcript(transcript: list[tuple[str, str]], room: int, model: str) ->
     lines: list[str] = []
     used = 0
     for role, text in reversed(transcript):
+        text = re.sub(r"</?transcript>", "", text, flags=re.IGNORECASE)  # cannot close the fence
         line = f"{'User' if role == 'user' else 'Assistant'}: {text}"
         cost = count_tokens(line, model)
         if used + cost > room:
             break
         lines.append(line)
         used += cost
-    return "Transcript of the session:\n\n" + "\n\n".join(reversed(lines))
+    return "<transcript>\n" + "\n\n".join(reversed(lines)) + "\n</transcript>"
 
 
 def normalise_summary(raw: str, title: str | None) -> tuple[str, str]:

@@ -223,3 +223,28 @@ ENCRYPTED_COLUMNS: tuple[tuple[type[Base], str], ...] = tuple(
     for column in mapper.columns
     if isinstance(column.type, (EncryptedText, EncryptedBytes))
 )
+
+
+class MemoryOutbox(Base):
+    """Memory writes the vector store refused, kept (encrypted) until a retry lands them."""
+
+    __tablename__ = "memory_outbox"
+    __table_args__ = (
+        Index("ix_memory_outbox_due", "next_attempt_at"),
+        Index("ix_memory_outbox_user", "user_id"),
+        Index("ix_memory_outbox_memory", "memory_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"))
+    memory_id: Mapped[str] = mapped_column(String(128))
+    # JSON: the MemoryItem and its vector, so a retry needs no second embedding call.
+    payload: Mapped[str] = mapped_column(EncryptedText)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(100))  # an exception class name only
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# Key rotation must reach the outbox payloads too (the tuple above was built before this class).
+ENCRYPTED_COLUMNS = ENCRYPTED_COLUMNS + ((MemoryOutbox, "payload"),)

@@ -214,6 +214,11 @@ class Messages:
         stmt = select(Message).where(Message.session_id == session_id).order_by(Message.id)
         return list((await self.db.execute(stmt)).scalars())
 
+    async def count_for_session(self, session_id: int) -> int:
+        return int(await self.db.scalar(
+            select(func.count()).select_from(Message).where(Message.session_id == session_id)
+        ) or 0)
+
     async def pending_since(self, cutoff: dt.datetime) -> list[Message]:
         stmt = (
             select(Message)

@@ -42,3 +42,16 @@ async def rotate_all(sessions: async_sessionmaker[AsyncSession]) -> dict[str, in
             last_key = rows[-1][0]
         rewritten[f"{model.__tablename__}.{column_name}"] = count
     return rewritten
+
+
+async def check_keys(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Decrypt one stored value per encrypted column: a wrong key fails at start-up, loudly."""
+    cipher = crypto.current()
+    async with sessions() as db:
+        for model, column_name in ENCRYPTED_COLUMNS:
+            column = getattr(model, column_name)
+            token = await db.scalar(
+                select(type_coerce(column, LargeBinary)).where(column.is_not(None)).limit(1)
+            )
+            if token is not None:
+                cipher.decrypt_bytes(bytes(token))

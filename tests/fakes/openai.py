@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import json
 import math
 import re
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from aiohttp import web
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 
-ReplyFn = Callable[[dict[str, Any]], str]
+ReplyFn = Callable[[dict[str, Any]], str | Awaitable[str]]
 
 CHAT_FAULTS = frozenset(
     {"rate_limit", "insufficient_quota", "server_error", "auth", "hang", "cut_stream", "no_usage"}
@@ -108,7 +109,8 @@ class FakeOpenAI:
     """Fake OpenAI-compatible server on 127.0.0.1:<random port>. Use `async with FakeOpenAI()`.
 
     Knobs (all plain attributes, change them any time):
-      reply             str | (request_json) -> str; default "Answer #N" (N = chat request count)
+      reply             str | (request_json) -> str (or awaitable str); default "Answer #N",
+                        N = number of chat requests so far
       usage_override    dict merged into every chat usage, e.g. {"prompt_tokens": 100}
       first_token_delay seconds before the first content chunk (non-stream: before the reply)
       chunk_delay       seconds between content chunks
@@ -249,7 +251,8 @@ class FakeOpenAI:
     def fail_next_embeddings(self, kind: str, times: int = 1, **opts: Any) -> None:
         """Queue a fault for the next `times` embeddings requests."""
         if kind not in EMBEDDING_FAULTS:
-            raise ValueError(f"unknown embeddings fault {kind!r}; known: {sorted(EMBEDDING_FAULTS)}")
+            known = sorted(EMBEDDING_FAULTS)
+            raise ValueError(f"unknown embeddings fault {kind!r}; known: {known}")
         self._embedding_faults.extend(_Fault(kind, dict(opts)) for _ in range(times))
 
     # ----------------------------------------------------------------- handlers
@@ -280,7 +283,7 @@ class FakeOpenAI:
         if fault is not None and fault.kind not in ("cut_stream", "no_usage"):
             return await self._error_fault(request, fault, body)
 
-        text = self._reply_text(body, number)
+        text = await self._reply_text(body, number)
         chunks = _CHUNK_RE.findall(text)
         finish_reason = "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -291,23 +294,35 @@ class FakeOpenAI:
         completion_id = f"chatcmpl-fake{number}"
 
         if not body.get("stream"):
-            await self._sleep(request, self.first_token_delay
-                              + self.chunk_delay * max(0, len(chunks) - 1))
-            return web.json_response({
+            await self._sleep(
+                request, self.first_token_delay + self.chunk_delay * max(0, len(chunks) - 1)
+            )
+            if fault is not None and fault.kind == "cut_stream":
+                # Non-streaming equivalent of a dropped connection: no response at all.
+                self._abort(request)
+                raise asyncio.CancelledError
+            payload: dict[str, Any] = {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
                 "system_fingerprint": "fp_fake",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(chunks),
-                                "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }],
-                "usage": usage,
-            })
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(chunks),
+                            "refusal": None,
+                        },
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+            if not (fault is not None and fault.kind == "no_usage"):
+                payload["usage"] = usage
+            return web.json_response(payload)
         return await self._stream(request, body, fault, chunks, finish_reason, usage,
                                   completion_id)
 
@@ -346,7 +361,9 @@ class FakeOpenAI:
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         await response.write(event(delta({"role": "assistant", "content": "", "refusal": None})))
-        cut_after = int(fault.opts.get("chunks", 3)) if fault and fault.kind == "cut_stream" else None
+        cut_after: int | None = None
+        if fault is not None and fault.kind == "cut_stream":
+            cut_after = int(fault.opts.get("chunks", 3))
         for i, chunk in enumerate(chunks):
             if cut_after is not None and i >= cut_after:
                 break
@@ -414,11 +431,15 @@ class FakeOpenAI:
 
     # ----------------------------------------------------------------- internals
 
-    def _reply_text(self, body: dict[str, Any], number: int) -> str:
+    async def _reply_text(self, body: dict[str, Any], number: int) -> str:
         if self.reply is None:
             return f"Answer #{number}"
         if callable(self.reply):
-            return self.reply(body)
+            text = self.reply(body)
+            # An async reply function lets a test block or inspect state per request.
+            if inspect.isawaitable(text):
+                text = await text
+            return str(text)
         return self.reply
 
     def _chat_usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:

@@ -1,0 +1,16 @@
+# DESK TOP. The official python image is a PGO/LTO build: ~10 % faster per message than a plain build.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    DATA_DIR=/data OPENBLAS_NUM_THREADS=1
+WORKDIR /app
+
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY . .
+RUN useradd --create-home --uid 10001 desktop && mkdir -p /data && chown desktop /data
+USER desktop
+VOLUME ["/data"]
+
+CMD ["python", "bot.py"]

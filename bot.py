@@ -1,0 +1,164 @@
+"""DESK TOP entry point: composes the services and runs one mode (polling, console, traces, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
+
+log = logging.getLogger("desktop")
+
+MODES = {
+    "polling": "run the Telegram bot with long polling (the default)",
+    "console": "chat with the agent in this terminal: roles, sessions and memory without Telegram",
+    "traces": "list recent graph runs, or show one run as a tree: traces [RUN_ID]",
+    "rotate-keys": "re-encrypt every stored value under the newest ENCRYPTION_KEY",
+    "migrate": "apply database migrations and exit",
+    "check": "validate the configuration and role files, then exit",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bot.py",
+        description="DESK TOP: a personal AI agent in Telegram.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="modes:\n" + "\n".join(f"  {name:<12} {text}" for name, text in MODES.items())
+        + "\n\nConfiguration comes from the environment and .env (see .env.example).",
+    )
+    parser.add_argument("mode", nargs="?", default="polling", choices=list(MODES), metavar="MODE")
+    parser.add_argument("run_id", nargs="?", help="for traces: the run to show (a prefix is enough)")
+    return parser.parse_args(argv)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Request-level DEBUG logs of these libraries carry URLs with the bot token and bodies.
+    for noisy in ("httpx", "httpx2", "openai", "aiohttp.access", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@asynccontextmanager
+async def composed(settings: Settings) -> AsyncIterator[Agent]:
+    """Everything long-lived, built once: storage, encryption, roles, memory, models, agent."""
+    from graph.agent import Agent
+    from graph.context import Services
+    from graph.model import ModelGateway
+    from graph.roles import RoleRegistry
+    from memory.local import LocalMemory
+    from storage import crypto
+    from storage.db import create_engine, migrate, session_maker
+    from storage.rotation import check_keys
+
+    keys = crypto.load_or_create_keys(
+        settings.encryption_key.get_secret_value() if settings.encryption_key else None,
+        settings.data_dir,
+    )
+    try:
+        crypto.configure(crypto.Cipher(keys))
+    except ValueError as exc:
+        raise ConfigError(f"ENCRYPTION_KEY: {exc}") from None
+    engine = create_engine(settings.sqlalchemy_url)
+    try:
+        try:
+            await migrate(engine)
+        except (OSError, SQLAlchemyError) as exc:
+            raise ConfigError(f"DATABASE_URL: cannot use the database ({type(exc).__name__})") from None
+        sessions = session_maker(engine)
+        try:
+            await check_keys(sessions)
+        except crypto.DecryptionError:
+            raise ConfigError(
+                "ENCRYPTION_KEY: the stored data does not decrypt with these keys "
+                "(add the old key after the new one, then run: python bot.py rotate-keys)"
+            ) from None
+        roles = RoleRegistry(settings.prompts_dir)
+        for problem in roles.errors():
+            log.warning("role file problem: %s", problem)
+        models = ModelGateway(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            embedding_model=settings.embedding_model,
+            timeout=settings.model_timeout,
+            max_attempts=settings.model_max_attempts,
+            retry_base_delay=settings.model_retry_base_delay,
+        )
+        services = Services(
+            settings=settings, sessions=sessions, roles=roles, memory=LocalMemory(sessions),
+            models=models,
+        )
+        yield Agent(services)
+    finally:
+        await engine.dispose()
+
+
+def export_tracing_settings(settings: Settings) -> None:
+    """LangSmith reads os.environ; values given only in .env are passed on here."""
+    if settings.langsmith_tracing and settings.langsmith_api_key:
+        os.environ.setdefault("LANGSMITH_TRACING", "true")
+        os.environ.setdefault("LANGSMITH_API_KEY", settings.langsmith_api_key.get_secret_value())
+    else:
+        os.environ.setdefault("LANGSMITH_TRACING", "false")
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.mode == "polling" and settings.telegram_token is None:
+        raise ConfigError("TELEGRAM_TOKEN: required to run the Telegram bot (or run: python bot.py console)")
+    async with composed(settings) as agent:
+        if args.mode == "polling":
+            from handlers.app import run_polling
+
+            await run_polling(agent)
+        elif args.mode == "console":
+            from console import run_console
+
+            await run_console(agent)
+        elif args.mode == "traces":
+            from console import show_traces
+
+            await show_traces(agent, args.run_id)
+        elif args.mode == "rotate-keys":
+            from storage.rotation import rotate_all
+
+            for column, count in (await rotate_all(agent.services.sessions)).items():
+                print(f"{column}: {count} re-encrypted")
+        elif args.mode == "check":
+            print(f"configuration OK; roles: {', '.join(r.id for r in agent.services.roles.roles())}")
+            for problem in agent.services.roles.errors():
+                print(f"role file problem: {problem}")
+        # "migrate" has nothing more to do: composing the services applied the migrations.
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings)
+        export_tracing_settings(settings)
+        return asyncio.run(run(args, settings))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The Telegram front end composed: bot, dispatcher, routers in order, polling."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypedDict
+
+from aiogram import Bot, Dispatcher, Router
+from aiogram.client.default import DefaultBotProperties
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.enums import ParseMode
+from aiogram.fsm.storage.base import BaseStorage
+from aiogram.fsm.storage.memory import MemoryStorage
+
+from graph.agent import Agent
+from handlers import chat, commands, data_rights, flood, personalize, sessions
+from handlers.i18n import Catalog
+from handlers.middlewares import UpdateMiddleware
+from handlers.streaming import ChatPacer
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Deps(TypedDict):
+    """What handlers may ask for by name, besides aiogram's own (bot, state, event_update...)."""
+
+    agent: Agent
+    catalog: Catalog
+    pacer: ChatPacer
+    settings: Settings
+
+
+def build_bot(settings: Settings) -> Bot:
+    assert settings.telegram_token is not None
+    if settings.telegram_api_url:
+        session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+    else:
+        session = AiohttpSession()
+    bot = Bot(
+        settings.telegram_token.get_secret_value(), session=session,
+        default=DefaultBotProperties(parse_mode=ParseMode.HTML),
+    )
+    flood.install(bot)
+    return bot
+
+
+def root_router() -> Router:
+    """Routers in the order they must match: commands first, the catch-all chat router last."""
+    root = Router(name="root")
+    root.include_routers(
+        commands.build_router(),
+        personalize.build_router(),
+        sessions.build_router(),
+        data_rights.build_router(),
+        chat.build_router(),  # last: it takes whatever the others did not
+    )
+    return root
+
+
+def build_dispatcher(agent: Agent, catalog: Catalog, storage: BaseStorage | None = None) -> Dispatcher:
+    settings = agent.services.settings
+    deps = Deps(agent=agent, catalog=catalog, pacer=ChatPacer(), settings=settings)
+    dispatcher = Dispatcher(storage=storage or MemoryStorage(), **deps)
+    dispatcher.update.outer_middleware(UpdateMiddleware(agent.services.sessions, settings, catalog))
+    dispatcher.include_router(root_router())
+
+    async def on_startup(bot: Bot) -> None:
+        await commands.register_menu(bot, catalog)
+
+    dispatcher.startup.register(on_startup)
+    return dispatcher
+
+
+async def run_polling(agent: Agent) -> None:
+    settings = agent.services.settings
+    catalog = Catalog.load()
+    bot = build_bot(settings)
+    dispatcher = build_dispatcher(agent, catalog)
+    try:
+        # A webhook left from another deployment would make getUpdates fail with 409.
+        # Pending updates are kept: they are messages users are waiting on.
+        await bot.delete_webhook(drop_pending_updates=False)
+        await dispatcher.start_polling(bot, allowed_updates=dispatcher.resolve_used_update_types())
+    finally:
+        await bot.session.close()

@@ -1,0 +1,147 @@
+"""The catch-all: text goes to the agent and streams back; anything else gets a clear answer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiogram import Bot, F, Router
+from aiogram.types import CallbackQuery, Message, Update
+from aiogram.utils.chat_action import ChatActionSender
+
+from graph.agent import Agent, Answer, Delta, Duplicate, Failure, Refusal, SessionStarted
+from handlers.i18n import Catalog
+from handlers.streaming import AnswerStream, ChatPacer
+from storage.crypto import DecryptionError
+
+log = logging.getLogger(__name__)
+
+FAILURE_TEXTS = {
+    "busy": "errors.model_busy",
+    "unavailable": "errors.model_busy",
+    "timeout": "errors.model_timeout",
+    "quota": "errors.quota_exhausted",
+    "auth": "errors.generic",
+    "error": "errors.generic",
+}
+ADMIN_ALERT_INTERVAL = 600.0
+_last_alert: dict[str, float] = {}
+
+
+def addressed_text(message: Message, bot_username: str | None, bot_id: int) -> str | None:
+    """The text meant for the bot: all of it in private; in groups only when mentioned or replied to."""
+    text = message.text or ""
+    if message.chat.type == "private":
+        return text
+    replied = message.reply_to_message
+    if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
+        return text
+    mention = f"@{bot_username}".lower() if bot_username else None
+    if mention and mention in text.lower():
+        start = text.lower().index(mention)
+        return (text[:start] + text[start + len(mention):]).strip()
+    return None
+
+
+async def chat(
+    message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
+    pacer: ChatPacer, lang: str | None,
+) -> None:
+    assert message.from_user is not None and message.text is not None
+    me = await bot.me()
+    text = addressed_text(message, me.username, me.id)
+    if text is None:
+        return  # group chatter not meant for the bot
+    text = text.strip()
+    if not text:
+        await message.reply(catalog.text(lang, "input.empty_text"))
+        return
+    limit = agent.services.settings.max_message_chars
+    if len(text) > limit:
+        await message.reply(catalog.text(lang, "input.text_too_long", length=len(text), max=limit))
+        return
+    private = message.chat.type == "private"
+    stream = AnswerStream(
+        bot, message.chat.id, private=private, pacer=pacer,
+        reply_to=None if private else message.message_id,
+    )
+    try:
+        async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id, interval=4.0):
+            async for event in agent.handle_message(
+                user_id=message.from_user.id, chat_id=message.chat.id, text=text,
+                update_id=event_update.update_id, language=lang,
+            ):
+                await _show(event, stream, message, bot, agent, catalog, lang)
+    except DecryptionError:
+        await stream.abandon()
+        await message.answer(catalog.text(lang, "errors.decrypt_failed"))
+        await alert_admins(bot, agent, catalog, "decrypt_failed", user_id=message.from_user.id)
+    except Exception:
+        await stream.abandon()
+        await message.answer(catalog.text(lang, "errors.generic"))
+        raise  # logged by aiogram (class and traceback; never the message text) and sent to Sentry
+
+
+async def _show(
+    event: object, stream: AnswerStream, message: Message, bot: Bot, agent: Agent,
+    catalog: Catalog, lang: str | None,
+) -> None:
+    if isinstance(event, SessionStarted):
+        await message.answer(catalog.text(lang, "session.auto_started", role=event.role.label(lang)))
+    elif isinstance(event, Delta):
+        stream.add(event.text)
+    elif isinstance(event, Answer):
+        note = None if event.complete else catalog.text(lang, "chat.answer_cut")
+        await stream.finish(event.text, note=note)
+    elif isinstance(event, Refusal):
+        await stream.abandon()
+        await message.answer(catalog.text(
+            lang, "budget.limit_reached", used=event.used, limit=event.limit,
+            resets_at=f"{event.resets_at:%Y-%m-%d %H:%M}",
+        ))
+    elif isinstance(event, Failure):
+        await stream.abandon()
+        if event.kind == "deleted":
+            return  # the user erased their data meanwhile: nothing more to say or keep
+        await message.answer(catalog.text(lang, FAILURE_TEXTS[event.kind]))
+        if event.kind in ("quota", "auth"):
+            await alert_admins(bot, agent, catalog, "quota_exhausted")
+    elif isinstance(event, Duplicate):
+        await stream.abandon()
+
+
+async def alert_admins(bot: Bot, agent: Agent, catalog: Catalog, kind: str, **params: object) -> None:
+    """Tell the operator once per interval, not once per failing message."""
+    now = time.monotonic()
+    if now - _last_alert.get(kind, -ADMIN_ALERT_INTERVAL) < ADMIN_ALERT_INTERVAL:
+        return
+    _last_alert[kind] = now
+    log.error("operator alert: %s", kind)
+    for admin in agent.services.settings.admin_user_ids:
+        try:
+            await bot.send_message(admin, catalog.text(None, f"admin.{kind}", **params))
+        except Exception as exc:  # noqa: BLE001 - an unreachable admin must not break the answer
+            log.warning("admin alert not delivered: %s", type(exc).__name__)
+
+
+async def unsupported(message: Message, bot: Bot, catalog: Catalog, lang: str | None) -> None:
+    """Stickers, photos, voice, files...: a clear answer, no model call, no charge."""
+    me = await bot.me()
+    replied = message.reply_to_message
+    to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == me.id
+    if message.chat.type == "private" or to_bot:
+        await message.reply(catalog.text(lang, "input.unsupported_type"))
+
+
+async def stale_button(query: CallbackQuery, catalog: Catalog, lang: str | None) -> None:
+    """Buttons from old menus, or forged callback data: answered, never acted on."""
+    await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+
+
+def build_router() -> Router:
+    """A fresh router each time: a router can belong to only one dispatcher."""
+    router = Router(name=__name__)
+    router.message(F.text)(chat)
+    router.message()(unsupported)
+    router.callback_query()(stale_button)
+    return router

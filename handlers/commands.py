@@ -1,0 +1,51 @@
+"""/start and /help, and the command menu in Russian and English."""
+
+from __future__ import annotations
+
+from aiogram import Bot, Router
+from aiogram.filters import Command, CommandStart
+from aiogram.types import BotCommand, BotCommandScopeAllPrivateChats, BotCommandScopeDefault, Message
+
+from graph.agent import Agent
+from handlers.i18n import Catalog
+
+
+MENU = (
+    "start_session", "end_session", "list_sessions", "personalize", "export_data",
+    "delete_my_data", "help", "start",
+)
+PRIVATE_ONLY = ("export_data", "delete_my_data")
+
+
+async def register_menu(bot: Bot, catalog: Catalog) -> None:
+    """The menu in both languages; groups do not list the private-only data commands."""
+    for lang in ("en", "ru"):
+        descriptions = catalog.section(lang, "commands")
+        everything = [BotCommand(command=c, description=descriptions[c]) for c in MENU]
+        in_groups = [c for c in everything if c.command not in PRIVATE_ONLY]
+        code = None if lang == "en" else lang
+        await bot.set_my_commands(everything, scope=BotCommandScopeAllPrivateChats(), language_code=code)
+        await bot.set_my_commands(in_groups, scope=BotCommandScopeDefault(), language_code=code)
+
+
+async def start(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
+    assert message.from_user is not None
+    await agent.profile(message.from_user.id, lang)
+    await message.answer(catalog.text(
+        lang, "start.greeting", name=message.from_user.first_name,
+        limit=f"{agent.services.settings.daily_token_limit:,}".replace(",", " "),
+    ))
+
+
+async def help_(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
+    await message.answer(catalog.text(
+        lang, "help.text", limit=f"{agent.services.settings.daily_token_limit:,}".replace(",", " ")
+    ))
+
+
+def build_router() -> Router:
+    """A fresh router each time: a router can belong to only one dispatcher."""
+    router = Router(name=__name__)
+    router.message(CommandStart())(start)
+    router.message(Command("help"))(help_)
+    return router

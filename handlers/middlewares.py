@@ -1,0 +1,71 @@
+"""Update middlewares: one database session per update, language, access control, dedupe."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiogram import BaseMiddleware
+from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from handlers.i18n import Catalog
+from settings import Settings
+from storage.repositories import Updates
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
+
+
+def is_chat_text(update: Update) -> bool:
+    """Plain text for the model: deduplicated by the stored message itself, not here."""
+    message = update.message
+    return bool(message and message.text and not message.text.startswith("/"))
+
+
+class UpdateMiddleware(BaseMiddleware):
+    """Outer middleware on dp.update: the per-update essentials, in one place and one order."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, catalog: Catalog
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.catalog = catalog
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Update)
+        user: User | None = data.get("event_from_user")
+        lang = user.language_code if user else None
+        data["lang"] = lang
+        if user is not None and user.is_bot:
+            return None  # other bots (and channels' automatic posts) are never answered
+        if user is not None and not self._allowed(user.id):
+            await self._refuse(event, lang, user.id)
+            return None
+        async with self.sessions() as db:
+            if not is_chat_text(event):
+                if not await Updates(db).claim(event.update_id, user.id if user else None):
+                    log.info("update %s redelivered: skipped", event.update_id)
+                    return None
+                await db.commit()
+            data["db"] = db
+            return await handler(event, data)
+
+    def _allowed(self, user_id: int) -> bool:
+        allowed = self.settings.allowed_user_ids
+        return not allowed or user_id in allowed or user_id in self.settings.admin_user_ids
+
+    async def _refuse(self, update: Update, lang: str | None, user_id: int) -> None:
+        text = self.catalog.text(lang, "access.not_allowed", user_id=user_id)
+        if update.message is not None and update.message.chat.type == "private":
+            await update.message.answer(text)
+        elif update.callback_query is not None:
+            await update.callback_query.answer(self.catalog.plain(lang, "errors.stale_button"))
+
+
+def private_only(event: Message | CallbackQuery) -> bool:
+    message = event.message if isinstance(event, CallbackQuery) else event
+    return message is not None and message.chat.type == "private"

@@ -1,0 +1,138 @@
+"""/personalize: choose the role, set or clear the user's own instructions."""
+
+from __future__ import annotations
+
+from aiogram import F, Router
+from aiogram.filters import Command, StateFilter
+from aiogram.filters.callback_data import CallbackData
+from aiogram.fsm.context import FSMContext
+from aiogram.fsm.state import State, StatesGroup
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.utils.keyboard import InlineKeyboardBuilder
+
+from graph.agent import Agent
+from handlers.i18n import Catalog
+
+
+MAX_INSTRUCTIONS = 2000
+
+
+class RoleChoice(CallbackData, prefix="role"):
+    id: str
+
+
+class InstructionsAction(CallbackData, prefix="instr"):
+    action: str  # edit | clear | cancel
+
+
+class Personalize(StatesGroup):
+    waiting_for_instructions = State()
+
+
+def menu_keyboard(agent: Agent, catalog: Catalog, lang: str | None, current: str) -> InlineKeyboardMarkup:
+    builder = InlineKeyboardBuilder()
+    for role in agent.services.roles.roles():
+        label = role.button_text(lang)
+        if role.id == current:
+            label = catalog.plain(lang, "personalize.buttons.current", label=label)
+        builder.button(text=label, callback_data=RoleChoice(id=role.id))
+    builder.button(
+        text=catalog.plain(lang, "personalize.buttons.instructions"),
+        callback_data=InstructionsAction(action="edit"),
+    )
+    builder.button(
+        text=catalog.plain(lang, "personalize.buttons.clear_instructions"),
+        callback_data=InstructionsAction(action="clear"),
+    )
+    builder.adjust(1)
+    return builder.as_markup()
+
+
+async def personalize(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
+    assert message.from_user is not None
+    profile = await agent.profile(message.from_user.id, lang)
+    text = catalog.text(
+        lang, "personalize.menu", role=profile.role.label(lang),
+        description=profile.role.describe(lang),
+    )
+    if profile.user.instructions:
+        text += "\n\n" + catalog.text(
+            lang, "personalize.instructions_current", instructions=profile.user.instructions
+        )
+    await message.answer(text, reply_markup=menu_keyboard(agent, catalog, lang, profile.role.id))
+
+
+async def choose_role(
+    query: CallbackQuery, callback_data: RoleChoice, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    role = await agent.set_role(query.from_user.id, callback_data.id)
+    if role is None:  # the role file was removed since the menu was shown
+        await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+        return
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_text(
+            catalog.text(lang, "personalize.role_set", role=role.label(lang), description=role.describe(lang)),
+            reply_markup=menu_keyboard(agent, catalog, lang, role.id),
+        )
+
+
+async def ask_instructions(
+    query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
+) -> None:
+    await state.set_state(Personalize.waiting_for_instructions)
+    await query.answer()
+    if isinstance(query.message, Message):
+        builder = InlineKeyboardBuilder()
+        builder.button(
+            text=catalog.plain(lang, "personalize.buttons.cancel"),
+            callback_data=InstructionsAction(action="cancel"),
+        )
+        await query.message.answer(
+            catalog.text(lang, "personalize.instructions_prompt", max=MAX_INSTRUCTIONS),
+            reply_markup=builder.as_markup(),
+        )
+
+
+async def clear_instructions(
+    query: CallbackQuery, state: FSMContext, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    await state.clear()
+    await agent.set_instructions(query.from_user.id, None)
+    await query.answer(catalog.plain(lang, "personalize.instructions_cleared"))
+
+
+async def cancel_instructions(
+    query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
+) -> None:
+    await state.clear()
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_text(catalog.text(lang, "personalize.instructions_cancelled"))
+
+
+async def save_instructions(
+    message: Message, state: FSMContext, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    assert message.from_user is not None and message.text is not None
+    text = message.text.strip()
+    if len(text) > MAX_INSTRUCTIONS:
+        await message.answer(catalog.text(
+            lang, "personalize.instructions_too_long", length=len(text), max=MAX_INSTRUCTIONS
+        ))
+        return
+    await state.clear()
+    await agent.set_instructions(message.from_user.id, text)
+    await message.answer(catalog.text(lang, "personalize.instructions_set"))
+
+
+def build_router() -> Router:
+    """A fresh router each time: a router can belong to only one dispatcher."""
+    router = Router(name=__name__)
+    router.message(Command("personalize"))(personalize)
+    router.callback_query(RoleChoice.filter())(choose_role)
+    router.callback_query(InstructionsAction.filter(F.action == "edit"))(ask_instructions)
+    router.callback_query(InstructionsAction.filter(F.action == "clear"))(clear_instructions)
+    router.callback_query(InstructionsAction.filter(F.action == "cancel"))(cancel_instructions)
+    router.message(StateFilter(Personalize.waiting_for_instructions), F.text, ~F.text.startswith("/"))(save_instructions)
+    return router

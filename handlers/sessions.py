@@ -1,0 +1,164 @@
+"""/start_session, /end_session and the paginated /list_sessions with summaries."""
+
+from __future__ import annotations
+
+import math
+
+from aiogram import Router
+from aiogram.filters import Command, CommandObject
+from aiogram.filters.callback_data import CallbackData
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.utils.keyboard import InlineKeyboardBuilder
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from graph.agent import Agent, SessionEnd
+from handlers.i18n import Catalog
+from storage.models import ChatSession
+from storage.repositories import Messages
+
+
+PAGE_SIZE = 5
+MAX_TITLE = 120
+
+
+class SessionsPage(CallbackData, prefix="sp"):
+    page: int
+
+
+class SessionOpen(CallbackData, prefix="so"):
+    id: int
+    page: int
+
+
+def summary_line(summary: str | None) -> str | None:
+    """The 'Summary:' sentence of the fixed-shape summary (or its first line)."""
+    if not summary:
+        return None
+    for line in summary.splitlines():
+        if line.lower().startswith("summary:"):
+            return line.split(":", 1)[1].strip()[:200]
+    return summary.splitlines()[0][:200]
+
+
+def end_text(ended: SessionEnd, catalog: Catalog, lang: str | None) -> str:
+    if ended.outcome == "summarised" and ended.summary:
+        return catalog.text(
+            lang, "session.ended", title=ended.title or catalog.plain(lang, "session.untitled"),
+            summary=ended.summary,
+        )
+    if ended.outcome == "failed":
+        return catalog.text(lang, "session.ended_unsummarized")
+    return catalog.text(lang, "session.ended_short")
+
+
+async def start_session(
+    message: Message, command: CommandObject, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    assert message.from_user is not None
+    title = (command.args or "").strip()[:MAX_TITLE] or None
+    ended, session = await agent.start_session(message.from_user.id, message.chat.id, title, lang)
+    if ended is not None and ended.outcome == "summarised":
+        await message.answer(catalog.text(
+            lang, "session.previous_ended", title=ended.title or catalog.plain(lang, "session.untitled")
+        ))
+    role = agent.role_for(session.role).label(lang)
+    if title:
+        await message.answer(catalog.text(lang, "session.started", title=title, role=role))
+    else:
+        await message.answer(catalog.text(lang, "session.started_untitled", role=role))
+
+
+async def end_session(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
+    assert message.from_user is not None
+    ended = await agent.end_session(message.from_user.id, message.chat.id)
+    if ended is None:
+        await message.answer(catalog.text(lang, "session.nothing_to_end"))
+        return
+    await message.answer(end_text(ended, catalog, lang))
+
+
+async def list_sessions(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
+    assert message.from_user is not None
+    text, markup = await sessions_page(message.from_user.id, 0, agent, catalog, lang)
+    await message.answer(text, reply_markup=markup)
+
+
+async def turn_page(
+    query: CallbackQuery, callback_data: SessionsPage, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    text, markup = await sessions_page(query.from_user.id, callback_data.page, agent, catalog, lang)
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_text(text, reply_markup=markup)
+
+
+async def open_session(
+    query: CallbackQuery, callback_data: SessionOpen, agent: Agent, catalog: Catalog,
+    lang: str | None, db: AsyncSession,
+) -> None:
+    session = await agent.get_session(query.from_user.id, callback_data.id)
+    if session is None:  # deleted, or someone else's id in forged callback data
+        await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+        return
+    await query.answer()
+    back = InlineKeyboardBuilder()
+    back.button(
+        text=catalog.plain(lang, "session.buttons.back"), callback_data=SessionsPage(page=callback_data.page)
+    )
+    text = catalog.text(
+        lang, "session.summary_view", title=session.title or catalog.plain(lang, "session.untitled"),
+        date=f"{session.started_at:%Y-%m-%d}", role=agent.role_for(session.role).label(lang),
+        messages=await Messages(db).count_for_session(session.id),
+        summary=session.summary or catalog.plain(lang, "session.no_summary"),
+    )
+    if isinstance(query.message, Message):
+        await query.message.edit_text(text, reply_markup=back.as_markup())
+
+
+async def sessions_page(
+    user_id: int, page: int, agent: Agent, catalog: Catalog, lang: str | None
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    page = max(0, page)
+    sessions, total = await agent.list_sessions(user_id, page * PAGE_SIZE, PAGE_SIZE)
+    if total == 0:
+        return catalog.text(lang, "session.list_empty"), None
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    lines = [catalog.text(lang, "session.list_header", page=page + 1, pages=pages)]
+    builder = InlineKeyboardBuilder()
+    for index, session in enumerate(sessions, start=page * PAGE_SIZE + 1):
+        lines.append(_item(index, session, agent, catalog, lang))
+        builder.button(
+            text=catalog.plain(lang, "session.buttons.open", index=index),
+            callback_data=SessionOpen(id=session.id, page=page),
+        )
+    row = [len(sessions)]
+    if page > 0:
+        builder.button(text=catalog.plain(lang, "session.buttons.prev"), callback_data=SessionsPage(page=page - 1))
+    if page + 1 < pages:
+        builder.button(text=catalog.plain(lang, "session.buttons.next"), callback_data=SessionsPage(page=page + 1))
+    row.append(int(page > 0) + int(page + 1 < pages))
+    builder.adjust(*[n for n in row if n])
+    return "\n\n".join(lines), builder.as_markup()
+
+
+def _item(index: int, session: ChatSession, agent: Agent, catalog: Catalog, lang: str | None) -> str:
+    title = session.title or catalog.plain(lang, "session.untitled")
+    role = agent.role_for(session.role).label(lang)
+    date = f"{session.started_at:%Y-%m-%d}"
+    if session.status == "open":
+        return catalog.text(lang, "session.list_item_active", index=index, title=title, date=date, role=role)
+    return catalog.text(
+        lang, "session.list_item", index=index, title=title, date=date, role=role,
+        summary=summary_line(session.summary) or catalog.plain(lang, "session.no_summary"),
+    )
+
+
+def build_router() -> Router:
+    """A fresh router each time: a router can belong to only one dispatcher."""
+    router = Router(name=__name__)
+    router.message(Command("start_session"))(start_session)
+    router.message(Command("end_session"))(end_session)
+    router.message(Command("list_sessions"))(list_sessions)
+    router.callback_query(SessionsPage.filter())(turn_page)
+    router.callback_query(SessionOpen.filter())(open_session)
+    return router

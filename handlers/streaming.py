@@ -1,0 +1,188 @@
+"""Show an answer while it is generated (drafts, or throttled edits) and always deliver it whole."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from aiogram import Bot
+from aiogram.enums import ParseMode
+from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
+from aiogram.types import Message, ReplyParameters
+
+from handlers.formatting import plain_parts, render_parts
+
+log = logging.getLogger(__name__)
+
+DRAFT_INTERVAL = 0.3  # ~3 drafts a second: smooth, and well below Telegram's flood threshold
+EDIT_INTERVAL = 1.0  # edits count as messages: at most one a second per chat
+PREVIEW_LIMIT = 4000  # a preview shows the tail of a long answer within one message
+
+
+class ChatPacer:
+    """The last visible update per chat, shared by every answer in that chat."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, float] = {}
+
+    def wait_time(self, chat_id: int, interval: float) -> float:
+        return max(0.0, self._last.get(chat_id, 0.0) + interval - time.monotonic())
+
+    def mark(self, chat_id: int) -> None:
+        self._last[chat_id] = time.monotonic()
+        if len(self._last) > 10_000:  # forget chats that went quiet long ago
+            cutoff = time.monotonic() - 60
+            self._last = {c: t for c, t in self._last.items() if t > cutoff}
+
+
+class AnswerStream:
+    """Collects deltas; a painter task shows previews so a slow or flooded chat never stalls the model."""
+
+    def __init__(
+        self, bot: Bot, chat_id: int, *, private: bool, pacer: ChatPacer,
+        reply_to: int | None = None,
+    ) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.pacer = pacer
+        self.reply_to = reply_to
+        self.use_drafts = private
+        self.draft_id = random.randint(1, 2**31 - 1)
+        self.placeholder: Message | None = None
+        self._text = ""
+        self._shown = ""
+        self._changed = asyncio.Event()
+        self._closed = False
+        self._painter: asyncio.Task[None] | None = None
+
+    def add(self, delta: str) -> None:
+        self._text += delta
+        self._changed.set()
+        if self._painter is None:
+            self._painter = asyncio.create_task(self._paint())
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    async def finish(self, final_text: str | None = None, note: str | None = None) -> list[Message]:
+        """Stop previews and deliver the whole answer (split, formatted, plain as a fallback)."""
+        await self._stop_painter()
+        text = self._text if final_text is None else final_text
+        if note:
+            text = f"{text}\n\n{note}" if text else note
+        if not text.strip():
+            await self._drop_placeholder()
+            return []
+        try:
+            return await self._deliver(render_parts(text), ParseMode.HTML)
+        except TelegramBadRequest as exc:
+            if "can't parse entities" not in str(exc).lower() and "parse" not in str(exc).lower():
+                raise
+            log.warning("formatting rejected by Telegram: sending plain text")
+            return await self._deliver(plain_parts(text), None)
+
+    async def abandon(self) -> None:
+        await self._stop_painter()
+        await self._drop_placeholder()
+
+    async def _deliver(self, parts: list[str], parse_mode: ParseMode | None) -> list[Message]:
+        sent: list[Message] = []
+        for index, part in enumerate(parts):
+            if index == 0 and self.placeholder is not None:
+                sent.append(await self._edit_placeholder(part, parse_mode))
+                continue
+            sent.append(await self.bot.send_message(
+                self.chat_id, part, parse_mode=parse_mode,
+                reply_parameters=self._reply() if index == 0 else None,
+            ))
+            self.pacer.mark(self.chat_id)
+        return sent
+
+    def _reply(self) -> ReplyParameters | None:
+        if self.reply_to is None:
+            return None
+        return ReplyParameters(message_id=self.reply_to, allow_sending_without_reply=True)
+
+    async def _edit_placeholder(self, part: str, parse_mode: ParseMode | None) -> Message:
+        assert self.placeholder is not None
+        try:
+            edited = await self.bot.edit_message_text(
+                part, chat_id=self.chat_id, message_id=self.placeholder.message_id,
+                parse_mode=parse_mode,
+            )
+        except TelegramBadRequest as exc:
+            if "not modified" not in str(exc):
+                raise
+            return self.placeholder
+        self.pacer.mark(self.chat_id)
+        return edited if isinstance(edited, Message) else self.placeholder
+
+    async def _stop_painter(self) -> None:
+        self._closed = True
+        self._changed.set()
+        if self._painter is not None:
+            try:
+                await self._painter
+            except Exception as exc:  # noqa: BLE001 - previews are best effort; delivery is not
+                log.warning("preview failed: %s", type(exc).__name__)
+            self._painter = None
+
+    async def _drop_placeholder(self) -> None:
+        if self.placeholder is not None:
+            try:
+                await self.bot.delete_message(self.chat_id, self.placeholder.message_id)
+            except TelegramAPIError:
+                pass
+            self.placeholder = None
+
+    async def _paint(self) -> None:
+        while not self._closed:
+            await self._changed.wait()
+            self._changed.clear()
+            if self._closed:
+                return
+            interval = DRAFT_INTERVAL if self.use_drafts else EDIT_INTERVAL
+            delay = self.pacer.wait_time(self.chat_id, interval)
+            if delay:
+                await asyncio.sleep(delay)
+                if self._closed:
+                    return
+            preview = self._preview()
+            if preview == self._shown:
+                continue
+            try:
+                await self._show(preview)
+            except TelegramForbiddenError:
+                return  # the user blocked the bot: nothing more will be shown
+            except TelegramBadRequest as exc:
+                if self.use_drafts:
+                    log.info("drafts refused (%s): falling back to edits", type(exc).__name__)
+                    self.use_drafts = False
+                    self._changed.set()
+                    continue
+                if "not modified" not in str(exc):
+                    log.info("preview edit refused: %s", type(exc).__name__)
+            self._shown = preview
+            self.pacer.mark(self.chat_id)
+
+    def _preview(self) -> str:
+        tail = self._text[-PREVIEW_LIMIT:]
+        return render_parts(tail)[-1] + " ▍"
+
+    async def _show(self, preview: str) -> None:
+        if self.use_drafts:
+            await self.bot.send_message_draft(
+                chat_id=self.chat_id, draft_id=self.draft_id, text=preview, parse_mode=ParseMode.HTML
+            )
+        elif self.placeholder is None:
+            self.placeholder = await self.bot.send_message(
+                self.chat_id, preview, parse_mode=ParseMode.HTML, reply_parameters=self._reply()
+            )
+        else:
+            await self.bot.edit_message_text(
+                preview, chat_id=self.chat_id, message_id=self.placeholder.message_id,
+                parse_mode=ParseMode.HTML,
+            )

@@ -1,0 +1,133 @@
+"""Strict checker for Telegram HTML (parse_mode=HTML): tag set, attributes, balance, nesting."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+# Tags the Bot API accepts (core.telegram.org/bots/api#html-style); anything else is a 400.
+ALLOWED_TAGS = frozenset(
+    "b strong i em u ins s strike del tg-spoiler span a code pre blockquote tg-emoji".split()
+)
+STYLE_TAGS = frozenset("b strong i em u ins s strike del tg-spoiler span".split())
+ALLOWED_ATTRS = {"a": {"href"}, "code": {"class"}, "span": {"class"}, "blockquote": {"expandable"},
+                 "tg-emoji": {"emoji-id"}}  # fmt: skip
+NAMED_ENTITIES = frozenset({"amp", "lt", "gt", "quot"})  # the only names Telegram decodes
+
+
+class TelegramHTMLError(AssertionError):
+    """The HTML would be rejected (or silently mangled) by Telegram."""
+
+
+class _Checker(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)  # keep entities visible so they can be checked
+        self.stack: list[str] = []
+        self.text: list[str] = []
+        self.pre_content: list[str] = []  # per open <pre>: "", "text" or "code"
+
+    def fail(self, message: str) -> None:
+        line, col = self.getpos()
+        raise TelegramHTMLError(f"{message} (line {line}, column {col})")
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in ALLOWED_TAGS:
+            self.fail(f"unsupported tag <{tag}>")
+        self._check_attrs(tag, attrs)
+        self._check_nesting(tag)
+        if self.stack and self.stack[-1] == "pre":
+            self.pre_content[-1] = "code"
+        self.stack.append(tag)
+        if tag == "pre":
+            self.pre_content.append("")
+
+    def _check_attrs(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = [name for name, _ in attrs]
+        if len(set(names)) != len(names) or not set(names) <= ALLOWED_ATTRS.get(tag, set()):
+            self.fail(f"unexpected attributes {names} on <{tag}>")
+        values = dict(attrs)
+        if tag == "a" and not values.get("href"):
+            self.fail("<a> without href")
+        if tag == "code" and "class" in values and not (values["class"] or "").startswith("language-"):
+            self.fail(f"bad code class {values['class']!r}")
+        if tag == "span" and values.get("class") != "tg-spoiler":
+            self.fail('<span> without class="tg-spoiler"')
+
+    def _check_nesting(self, tag: str) -> None:
+        open_tags = set(self.stack)
+        if self.stack and self.stack[-1] == "code":
+            self.fail(f"<{tag}> inside <code>")
+        if self.stack and self.stack[-1] == "pre" and (tag != "code" or self.pre_content[-1]):
+            self.fail(f"<{tag}> inside <pre> (only one <code> may wrap its content)")
+        if tag == "pre" and "pre" in open_tags:
+            self.fail("<pre> inside <pre>")
+        if tag in ("pre", "code") and open_tags & (STYLE_TAGS | {"a"}):
+            self.fail(f"<{tag}> inside {sorted(open_tags)}: code can only be inside blockquote")
+        if tag == "blockquote" and "blockquote" in open_tags:
+            self.fail("nested <blockquote>")
+        if tag == "a" and "a" in open_tags:
+            self.fail("<a> inside <a>")
+        if tag in STYLE_TAGS and tag in open_tags:
+            self.fail(f"<{tag}> inside <{tag}>")
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack:
+            self.fail(f"unexpected </{tag}>")
+        if self.stack[-1] != tag:
+            self.fail(f"</{tag}> closes <{self.stack[-1]}>")
+        self.stack.pop()
+        if tag == "pre":
+            self.pre_content.pop()
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.fail(f"self-closing <{tag}/>")
+
+    def handle_data(self, data: str) -> None:
+        for bad in "<>&":
+            if bad in data:
+                self.fail(f"unescaped {bad!r} in text {data[:40]!r}")
+        if self.stack and self.stack[-1] == "pre" and data:
+            if self.pre_content[-1] == "code":
+                self.fail("text next to the <code> inside <pre>")
+            self.pre_content[-1] = "text"
+        self.text.append(data)
+
+    def handle_entityref(self, name: str) -> None:
+        if name not in NAMED_ENTITIES:
+            self.fail(f"entity &{name}; is not decoded by Telegram")
+        self.text.append({"amp": "&", "lt": "<", "gt": ">", "quot": '"'}[name])
+
+    def handle_charref(self, name: str) -> None:
+        code = int(name[1:], 16) if name[:1] in "xX" else int(name)
+        self.text.append(chr(code))
+
+    def handle_comment(self, data: str) -> None:
+        self.fail("comment")
+
+    def handle_decl(self, decl: str) -> None:
+        self.fail("declaration")
+
+    def handle_pi(self, data: str) -> None:
+        self.fail("processing instruction")
+
+    def unknown_decl(self, data: str) -> None:
+        self.fail("unknown declaration")
+
+
+def check_telegram_html(html: str) -> str:
+    """Raise TelegramHTMLError unless `html` is valid Telegram HTML; return its visible text."""
+    checker = _Checker()
+    checker.feed(html)
+    checker.close()
+    if checker.rawdata:  # HTMLParser keeps an unfinished "<tag" here instead of reporting it
+        raise TelegramHTMLError(f"unfinished markup at the end: {checker.rawdata[:40]!r}")
+    if checker.stack:
+        raise TelegramHTMLError(f"unclosed tags {checker.stack}")
+    return "".join(checker.text)
+
+
+def is_telegram_html(html: str) -> bool:
+    try:
+        check_telegram_html(html)
+    except TelegramHTMLError:
+        return False
+    return True
