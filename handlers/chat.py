@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 
 from aiogram import Bot, F, Router
 from aiogram.types import CallbackQuery, Message, Update
@@ -43,6 +44,11 @@ def addressed_text(message: Message, bot_username: str | None, bot_id: int) -> s
     return None
 
 
+def has_visible_text(text: str) -> bool:
+    """False for whitespace and invisible format characters only (zero-width spaces, BOM...)."""
+    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
 async def chat(
     message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
     pacer: ChatPacer, lang: str | None,
@@ -53,7 +59,7 @@ async def chat(
     if text is None:
         return  # group chatter not meant for the bot
     text = text.strip()
-    if not text:
+    if not has_visible_text(text):
         await message.reply(catalog.text(lang, "input.empty_text"))
         return
     limit = agent.services.settings.max_message_chars

@@ -6,39 +6,23 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiogram import Bot, Dispatcher
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from graph.agent import Agent
-from handlers.app import build_bot, build_dispatcher
 from handlers.formatting import utf16_len
-from handlers.i18n import Catalog
 from storage import crypto
 from storage.models import ENCRYPTED_COLUMNS, Base
-from tests.conftest import make_agent, make_settings
 from tests.fakes.openai import FakeOpenAI
-from tests.fakes.telegram import FakeTelegram
+from tests.harness import Harness, running_bot
 from tests.telegram_html import check_telegram_html
 
-TOKEN = "123456:TEST-token_for-e2e"
 SUMMARY = (
     "Title: Reversing lists\nSummary: The user asked how to reverse a list in Python.\n"
     "Facts:\n- The user writes Python\nOpen questions:\n"
 )
-
-
-@dataclass
-class Harness:
-    tg: FakeTelegram
-    ai: FakeOpenAI
-    agent: Agent
-    bot: Bot
-    dispatcher: Dispatcher
 
 
 @pytest.fixture
@@ -46,23 +30,8 @@ async def harness(
     tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
     fake_openai: FakeOpenAI,
 ) -> AsyncIterator[Harness]:
-    async with FakeTelegram() as tg:
-        settings = make_settings(
-            tmp_path, fake_openai.base_url, db_url, prompts_dir,
-            telegram_token=TOKEN, telegram_api_url=tg.base_url,
-        )
-        agent = make_agent(settings, sessions)
-        bot = build_bot(settings)
-        dispatcher = build_dispatcher(agent, Catalog.load())
-        polling = asyncio.create_task(dispatcher.start_polling(
-            bot, handle_signals=False, close_bot_session=False, polling_timeout=1,
-        ))
-        try:
-            yield Harness(tg, fake_openai, agent, bot, dispatcher)
-        finally:
-            await dispatcher.stop_polling()
-            await polling
-            await bot.session.close()
+    async with running_bot(tmp_path, db_url, sessions, prompts_dir, fake_openai) as h:
+        yield h
 
 
 def reply_by_model(body: dict) -> str:

@@ -1,0 +1,64 @@
+"""The whole bot wired to the fakes: real aiogram polling the fake Telegram, real OpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiogram import Bot, Dispatcher
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from graph.agent import Agent
+from handlers.app import build_bot, build_dispatcher
+from handlers.i18n import Catalog
+from tests.conftest import make_agent, make_settings
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.telegram import FakeTelegram, SentMessage
+
+TOKEN = "123456:TEST-token_for-e2e"
+
+
+@dataclass
+class Harness:
+    tg: FakeTelegram
+    ai: FakeOpenAI
+    agent: Agent
+    bot: Bot
+    dispatcher: Dispatcher
+
+    async def reply_to(
+        self, update: dict[str, Any], predicate: Any = None, timeout: float = 10.0
+    ) -> SentMessage:
+        """The first bot message in that chat after the user's message (matching predicate)."""
+        message = update.get("message") or update["callback_query"]["message"]
+        return await self.tg.wait_for_message(
+            message["chat"]["id"], predicate, timeout=timeout, after=message["message_id"]
+        )
+
+
+@asynccontextmanager
+async def running_bot(
+    tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
+    ai: FakeOpenAI, **overrides: object,
+) -> AsyncIterator[Harness]:
+    async with FakeTelegram() as tg:
+        settings = make_settings(
+            tmp_path, ai.base_url, db_url, prompts_dir,
+            telegram_token=TOKEN, telegram_api_url=tg.base_url, **overrides,
+        )
+        agent = make_agent(settings, sessions)
+        bot = build_bot(settings)
+        dispatcher = build_dispatcher(agent, Catalog.load())
+        polling = asyncio.create_task(dispatcher.start_polling(
+            bot, handle_signals=False, close_bot_session=False, polling_timeout=1,
+        ))
+        try:
+            yield Harness(tg, ai, agent, bot, dispatcher)
+        finally:
+            await dispatcher.stop_polling()
+            await polling
+            await bot.session.close()
