@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     history_messages: int = Field(40, ge=0)
     reservation_ttl_seconds: int = Field(600, ge=10)
     session_idle_minutes: int = Field(120, ge=1)
+    recovery_window_minutes: int = Field(60, ge=0)
+    shutdown_grace_seconds: float = Field(25.0, ge=0)
 
     allowed_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
     admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from langgraph.graph.state import CompiledStateGraph
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
@@ -18,7 +19,7 @@ from graph.roles import Role
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace
 from storage.data_rights import DeletionReceipt, delete_user, export_user
-from storage.models import ChatSession, User
+from storage.models import ChatSession, Message, User
 from storage.repositories import Budget, Messages, Sessions, Traces, Users
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,12 @@ class Duplicate:
     """The update was taken in before: nothing is answered or charged again."""
 
 
-TurnEvent = SessionStarted | Delta | Answer | Refusal | Failure | Duplicate
+@dataclass(frozen=True)
+class Resumed:
+    """A message a crash left unanswered is being answered now."""
+
+
+TurnEvent = SessionStarted | Resumed | Delta | Answer | Refusal | Failure | Duplicate
 
 
 @dataclass(frozen=True)
@@ -142,10 +148,12 @@ class Agent:
         if stored is None:
             yield Duplicate()
             return
-        session, question_id, user, started = stored
+        session, question_id, user, started, resumed = stored
         role = self.role_for(session.role)
         if started:
             yield SessionStarted(session.id, automatic=True, role=role)
+        if resumed:
+            yield Resumed()
         trace = RunTrace("turn", user_id, session.id)
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id, session_id=session.id,
@@ -166,6 +174,12 @@ class Agent:
             trace.outcome = "deleted"
             yield Failure("deleted")
             return
+        except asyncio.CancelledError:
+            # Shutdown: the question stays pending and is answered after the restart; the
+            # reservation is released, or charged when the model may already have spent tokens.
+            trace.outcome = "cancelled"
+            await asyncio.shield(self._settle_abandoned(context))
+            raise
         except Exception as exc:
             trace.outcome = "crashed"
             trace.error = trace.error or type(exc).__name__
@@ -176,11 +190,18 @@ class Agent:
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
-    ) -> tuple[ChatSession, int, User, bool] | None:
-        """Durably store the message before the model is called; None for a redelivery."""
+    ) -> tuple[ChatSession, int, User, bool, bool] | None:
+        """Durably store the message before the model is called; None for a redelivery.
+
+        Returns (session, question id, user, session just started, resumed after a crash).
+        """
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
             sessions = Sessions(db)
+            if update_id is not None:
+                earlier = await Messages(db).by_update_id(update_id)
+                if earlier is not None:
+                    return await self._resumable(db, earlier, user)
             session = await sessions.open_for(user_id, chat_id)
             started = session is None
             if session is None:
@@ -189,12 +210,32 @@ class Agent:
                 session_id=session.id, user_id=user_id, chat_id=chat_id, text=text,
                 update_id=update_id, tokens=count_tokens(text, self.services.settings.chat_model),
             )
-            if question is None:
+            if question is None:  # the same update, stored by a concurrent delivery just now
                 await db.rollback()
                 return None
             await sessions.touch(session.id)
             await db.commit()
-            return session, question.id, user, started
+            return session, question.id, user, started, False
+
+    @staticmethod
+    async def _resumable(
+        db: AsyncSession, earlier: Message, user: User
+    ) -> tuple[ChatSession, int, User, bool, bool] | None:
+        """A stored message still pending was cut off by a crash: answer it now. Else: a duplicate."""
+        if earlier.status != "pending" or earlier.user_id != user.id:
+            return None
+        session = await db.get(ChatSession, earlier.session_id)
+        if session is None:
+            return None
+        return session, earlier.id, user, False, True
+
+    async def _settle_abandoned(self, context: TurnContext) -> None:
+        if context.reservation_id is None:
+            return
+        async with self.services.sessions() as db:
+            await Budget(db).settle(context.reservation_id, None if context.model_started else 0)
+            await db.commit()
+        context.reservation_id = None
 
     @staticmethod
     def _final_event(final: dict[str, Any]) -> TurnEvent:
@@ -289,6 +330,15 @@ class Agent:
                 receipt.messages, receipt.sessions, memories, receipt.usage_days, receipt.traces
             )
         return receipt
+
+    async def settle_orphaned_reservations(self) -> int:
+        """At a polling start-up every reservation belongs to a dead process: settle them all."""
+        async with self.services.sessions() as db:
+            orphans = await Budget(db).all_ids()
+            for reservation_id in orphans:
+                await Budget(db).settle(reservation_id, None)
+            await db.commit()
+        return len(orphans)
 
     async def sweep_reservations(self) -> int:
         """Settle reservations a crash left behind (charged in full: the call may have run)."""

@@ -36,6 +36,9 @@ class TurnContext:
     role: Role
     instructions: str | None
     trace: RunTrace
+    # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.
+    reservation_id: str | None = None
+    model_started: bool = False
 
 
 @dataclass

@@ -130,6 +130,7 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
             await db.commit()
             return {"refusal": outcome, "reservation": None}
         await db.commit()
+    ctx.reservation_id = outcome.id
     return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
 
 
@@ -146,6 +147,7 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
     ctx = runtime.context
     model = ctx.role.model or ctx.services.settings.chat_model
     ctx.trace.model = model
+    ctx.model_started = True
     result = await ctx.services.models.stream_chat(
         state["prompt"], model=model, temperature=ctx.role.temperature,
         max_tokens=state["max_tokens"],
@@ -191,6 +193,7 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
             await Budget(db).settle(reservation.id, charged)
             await Sessions(db).touch(ctx.session_id)
             await db.commit()
+        ctx.reservation_id = None
     except IntegrityError:
         # The user deleted their data while the model was answering: write nothing back.
         outcome = "deleted"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import logging
+import signal
 from typing import TypedDict
 
 from aiogram import Bot, Dispatcher, Router
@@ -15,6 +18,7 @@ from aiogram.fsm.storage.memory import MemoryStorage
 
 from graph.agent import Agent
 from handlers import chat, commands, data_rights, flood, personalize, sessions
+from handlers.delivery import Delivery
 from handlers.i18n import Catalog
 from handlers.middlewares import UpdateMiddleware
 from handlers.streaming import ChatPacer
@@ -73,15 +77,41 @@ def build_dispatcher(agent: Agent, catalog: Catalog, storage: BaseStorage | None
     return dispatcher
 
 
-async def run_polling(agent: Agent) -> None:
+def build_delivery(bot: Bot, dispatcher: Dispatcher, agent: Agent) -> Delivery:
     settings = agent.services.settings
-    catalog = Catalog.load()
-    bot = build_bot(settings)
-    dispatcher = build_dispatcher(agent, catalog)
+    return Delivery(
+        bot, dispatcher, agent.services.sessions,
+        recovery_window=dt.timedelta(minutes=settings.recovery_window_minutes),
+        shutdown_grace=settings.shutdown_grace_seconds,
+    )
+
+
+async def serve_polling(agent: Agent, bot: Bot, dispatcher: Dispatcher, delivery: Delivery) -> None:
+    """Start-up (menu, crash recovery), polling until stopped, then a graceful drain."""
+    # A webhook left from another deployment would make getUpdates fail with 409.
+    # Pending updates are kept: they are messages users are waiting on.
+    await bot.delete_webhook(drop_pending_updates=False)
+    await dispatcher.emit_startup(bot=bot, **dispatcher.workflow_data)
     try:
-        # A webhook left from another deployment would make getUpdates fail with 409.
-        # Pending updates are kept: they are messages users are waiting on.
-        await bot.delete_webhook(drop_pending_updates=False)
-        await dispatcher.start_polling(bot, allowed_updates=dispatcher.resolve_used_update_types())
+        # Only one process can poll a token, so any reservation already present is an orphan.
+        settled = await agent.settle_orphaned_reservations()
+        if settled:
+            log.warning("settled %d reservation(s) left by the last run", settled)
+        await delivery.recover()
+        await delivery.poll(allowed_updates=dispatcher.resolve_used_update_types())
+    finally:
+        await delivery.drain()
+        await dispatcher.emit_shutdown(bot=bot, **dispatcher.workflow_data)
+
+
+async def run_polling(agent: Agent) -> None:
+    bot = build_bot(agent.services.settings)
+    dispatcher = build_dispatcher(agent, Catalog.load())
+    delivery = build_delivery(bot, dispatcher, agent)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, delivery.stop)
+    try:
+        await serve_polling(agent, bot, dispatcher, delivery)
     finally:
         await bot.session.close()

@@ -10,7 +10,16 @@ from aiogram import Bot, F, Router
 from aiogram.types import CallbackQuery, Message, Update
 from aiogram.utils.chat_action import ChatActionSender
 
-from graph.agent import Agent, Answer, Delta, Duplicate, Failure, Refusal, SessionStarted
+from graph.agent import (
+    Agent,
+    Answer,
+    Delta,
+    Duplicate,
+    Failure,
+    Refusal,
+    Resumed,
+    SessionStarted,
+)
 from handlers.i18n import Catalog
 from handlers.streaming import AnswerStream, ChatPacer
 from storage.crypto import DecryptionError
@@ -51,9 +60,12 @@ def has_visible_text(text: str) -> bool:
 
 async def chat(
     message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
-    pacer: ChatPacer, lang: str | None,
+    pacer: ChatPacer, lang: str | None, expired: bool = False,
 ) -> None:
     assert message.from_user is not None and message.text is not None
+    if expired:  # left unanswered by a crash longer ago than the recovery window
+        await message.answer(catalog.text(lang, "recovery.resend"))
+        return
     me = await bot.me()
     text = addressed_text(message, me.username, me.id)
     if text is None:
@@ -94,6 +106,8 @@ async def _show(
 ) -> None:
     if isinstance(event, SessionStarted):
         await message.answer(catalog.text(lang, "session.auto_started", role=event.role.label(lang)))
+    elif isinstance(event, Resumed):
+        await message.answer(catalog.text(lang, "recovery.answered"))
     elif isinstance(event, Delta):
         stream.add(event.text)
     elif isinstance(event, Answer):

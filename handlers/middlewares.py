@@ -1,4 +1,4 @@
-"""Update middlewares: one database session per update, language, access control, dedupe."""
+"""Update middleware: one database session per update, the user's language, access control."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from handlers.i18n import Catalog
 from settings import Settings
-from storage.repositories import Updates
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
-
-
-def is_chat_text(update: Update) -> bool:
-    """Plain text for the model: deduplicated by the stored message itself, not here."""
-    message = update.message
-    return bool(message and message.text and not message.text.startswith("/"))
 
 
 class UpdateMiddleware(BaseMiddleware):
@@ -45,12 +38,8 @@ class UpdateMiddleware(BaseMiddleware):
         if user is not None and not self._allowed(user.id):
             await self._refuse(event, lang, user.id)
             return None
+        # Redeliveries were already dropped by the inbox (handlers/delivery.py).
         async with self.sessions() as db:
-            if not is_chat_text(event):
-                if not await Updates(db).claim(event.update_id, user.id if user else None):
-                    log.info("update %s redelivered: skipped", event.update_id)
-                    return None
-                await db.commit()
             data["db"] = db
             return await handler(event, data)
 

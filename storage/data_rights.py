@@ -13,7 +13,7 @@ from storage.models import (
     ChatSession,
     MemoryRecord,
     Message,
-    ProcessedUpdate,
+    InboxUpdate,
     Reservation,
     Trace,
     UsageDay,
@@ -141,7 +141,7 @@ async def delete_user(db: AsyncSession, user_id: int) -> DeletionReceipt:
         traces=await count(Trace),
     )
     # Children first: correctness must not depend on the database enforcing ON DELETE CASCADE.
-    for model in (Message, Trace, MemoryRecord, Reservation, UsageDay, ChatSession, ProcessedUpdate):
+    for model in (Message, Trace, MemoryRecord, Reservation, UsageDay, ChatSession, InboxUpdate):
         await db.execute(delete(model).where(model.user_id == user_id))
     await db.execute(delete(User).where(User.id == user_id))
     return receipt

@@ -206,14 +206,25 @@ class Trace(Base):
     nodes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 
-class ProcessedUpdate(Base):
-    """Telegram update ids already taken in: a redelivered update is recognised and dropped."""
+class InboxUpdate(Base):
+    """Every Telegram update, stored before Telegram is told it arrived: a durable inbox.
 
-    __tablename__ = "processed_updates"
-    __table_args__ = (Index("ix_processed_updates_received", "received_at"),)
+    The row outlives processing (without its payload) so a redelivered update id is recognised.
+    """
+
+    __tablename__ = "inbox"
+    __table_args__ = (
+        Index("ix_inbox_state_received", "state", "received_at"),
+        Index("ix_inbox_user", "user_id"),
+    )
 
     update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     user_id: Mapped[int | None] = mapped_column(BigInteger)
+    chat_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The raw update (it holds the user's text) until it has been processed, then NULL.
+    payload: Mapped[str | None] = mapped_column(EncryptedText)
+    state: Mapped[str] = mapped_column(String(8), default="new")  # new | done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -16,7 +16,7 @@ from storage.models import (
     ChatSession,
     MemoryRecord,
     Message,
-    ProcessedUpdate,
+    InboxUpdate,
     Reservation,
     Trace,
     UsageDay,
@@ -333,6 +333,9 @@ class Budget:
         stmt = select(Reservation.id).where(Reservation.expires_at < (now or utcnow()))
         return list((await self.db.execute(stmt)).scalars())
 
+    async def all_ids(self) -> list[str]:
+        return list((await self.db.execute(select(Reservation.id))).scalars())
+
     async def day(self, user_id: int, now: dt.datetime | None = None) -> UsageDay | None:
         return await self.db.get(UsageDay, (user_id, utc_day(now)))
 
@@ -387,24 +390,43 @@ class Traces:
         return found[0] if len(found) == 1 else None
 
 
-class Updates:
-    """Update ids already taken in (deduplication that survives restarts)."""
+class Inbox:
+    """The durable inbox: updates stored before they are acknowledged, processed, then kept as ids."""
 
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def claim(self, update_id: int, user_id: int | None) -> bool:
-        """True the first time an update id is seen, False for a redelivery."""
+    async def store(self, update_id: int, user_id: int | None, chat_id: int | None, payload: str) -> bool:
+        """True the first time an update id is seen; a redelivery stores nothing and says False."""
         result = await self.db.execute(
-            _insert(self.db, ProcessedUpdate)
-            .values(update_id=update_id, user_id=user_id, received_at=utcnow())
+            _insert(self.db, InboxUpdate)
+            .values(
+                update_id=update_id, user_id=user_id, chat_id=chat_id,
+                payload=payload,
+                state="new", attempts=0, received_at=utcnow(),
+            )
             .on_conflict_do_nothing(index_elements=["update_id"])
         )
         return result.rowcount == 1  # type: ignore[attr-defined]
 
+    async def mark_done(self, update_id: int) -> None:
+        """Processed: the text goes, the id stays (to recognise a redelivery)."""
+        await self.db.execute(
+            update(InboxUpdate)
+            .where(InboxUpdate.update_id == update_id)
+            .values(state="done", payload=None, attempts=InboxUpdate.attempts + 1)
+        )
+
+    async def unprocessed(self) -> list[InboxUpdate]:
+        stmt = (
+            select(InboxUpdate)
+            .where(InboxUpdate.state == "new")
+            .order_by(InboxUpdate.received_at, InboxUpdate.update_id)
+        )
+        return list((await self.db.execute(stmt)).scalars())
+
     async def forget_before(self, cutoff: dt.datetime) -> int:
         result = await self.db.execute(
-            delete(ProcessedUpdate).where(ProcessedUpdate.received_at < cutoff)
+            delete(InboxUpdate).where(InboxUpdate.state == "done", InboxUpdate.received_at < cutoff)
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
-

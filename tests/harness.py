@@ -13,7 +13,8 @@ from aiogram import Bot, Dispatcher
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graph.agent import Agent
-from handlers.app import build_bot, build_dispatcher
+from handlers.app import build_bot, build_delivery, build_dispatcher, serve_polling
+from handlers.delivery import Delivery
 from handlers.i18n import Catalog
 from tests.conftest import make_agent, make_settings
 from tests.fakes.openai import FakeOpenAI
@@ -29,6 +30,7 @@ class Harness:
     agent: Agent
     bot: Bot
     dispatcher: Dispatcher
+    delivery: Delivery
 
     async def reply_to(
         self, update: dict[str, Any], predicate: Any = None, timeout: float = 10.0
@@ -53,12 +55,12 @@ async def running_bot(
         agent = make_agent(settings, sessions)
         bot = build_bot(settings)
         dispatcher = build_dispatcher(agent, Catalog.load())
-        polling = asyncio.create_task(dispatcher.start_polling(
-            bot, handle_signals=False, close_bot_session=False, polling_timeout=1,
-        ))
+        delivery = build_delivery(bot, dispatcher, agent)
+        # The production loop itself: durable inbox, recovery, per-chat order, drain.
+        serving = asyncio.create_task(serve_polling(agent, bot, dispatcher, delivery))
         try:
-            yield Harness(tg, ai, agent, bot, dispatcher)
+            yield Harness(tg, ai, agent, bot, dispatcher, delivery)
         finally:
-            await dispatcher.stop_polling()
-            await polling
+            delivery.stop()
+            await serving
             await bot.session.close()

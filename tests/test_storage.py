@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from storage import crypto
 from storage.data_rights import delete_user, export_user
-from storage.repositories import Budget, Messages, OverBudget, Reserved, Sessions, Updates, Users
+from storage.repositories import Budget, Inbox, Messages, OverBudget, Reserved, Sessions, Users
 from storage.rotation import rotate_all
 
 CANARY = "canary-7f3a the launch code is tangerine"
@@ -81,12 +81,24 @@ async def test_redelivered_update_is_not_stored_twice(
         assert len(await Messages(db).for_session(chat.id)) == 2
 
 
-async def test_update_claim_is_first_wins(sessions: async_sessionmaker[AsyncSession]) -> None:
+async def test_inbox_is_first_wins_and_forgets_the_text(
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine
+) -> None:
     async with sessions() as db:
-        assert await Updates(db).claim(2**40, 1) is True
-        assert await Updates(db).claim(2**40, 1) is False
-        assert await Updates(db).claim(17, 1) is True  # a lower, reseeded id is still new
+        assert await Inbox(db).store(2**40, 1, 1, f'{{"text": "{CANARY}"}}') is True
+        assert await Inbox(db).store(2**40, 1, 1, "again") is False
+        assert await Inbox(db).store(17, 1, 1, "{}") is True  # a lower, reseeded id is still new
         await db.commit()
+        assert [u.update_id for u in await Inbox(db).unprocessed()] == [2**40, 17]
+        assert CANARY in ((await Inbox(db).unprocessed())[0].payload or "")
+    async with engine.connect() as conn:
+        raw = (await conn.execute(text("SELECT payload FROM inbox"))).all()
+    assert b"tangerine" not in b"".join(bytes(r[0]) for r in raw)
+    async with sessions() as db:
+        await Inbox(db).mark_done(2**40)
+        await db.commit()
+        assert [u.update_id for u in await Inbox(db).unprocessed()] == [17]
+        assert await Inbox(db).store(2**40, 1, 1, "redelivered") is False
 
 
 async def test_message_text_is_not_stored_in_plain_form(

@@ -20,14 +20,19 @@ depends_on = None
 
 def upgrade() -> None:
 
-    op.create_table('processed_updates',
+    op.create_table('inbox',
     sa.Column('update_id', sa.BigInteger(), autoincrement=False, nullable=False),
     sa.Column('user_id', sa.BigInteger(), nullable=True),
+    sa.Column('chat_id', sa.BigInteger(), nullable=True),
+    sa.Column('payload', sa.LargeBinary(), nullable=True),
+    sa.Column('state', sa.String(length=8), nullable=False),
+    sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('update_id')
     )
-    with op.batch_alter_table('processed_updates', schema=None) as batch_op:
-        batch_op.create_index('ix_processed_updates_received', ['received_at'], unique=False)
+    with op.batch_alter_table('inbox', schema=None) as batch_op:
+        batch_op.create_index('ix_inbox_state_received', ['state', 'received_at'], unique=False)
+        batch_op.create_index('ix_inbox_user', ['user_id'], unique=False)
 
     op.create_table('users',
     sa.Column('id', sa.BigInteger(), autoincrement=False, nullable=False),
@@ -169,8 +174,9 @@ def downgrade() -> None:
 
     op.drop_table('chat_sessions')
     op.drop_table('users')
-    with op.batch_alter_table('processed_updates', schema=None) as batch_op:
-        batch_op.drop_index('ix_processed_updates_received')
+    with op.batch_alter_table('inbox', schema=None) as batch_op:
+        batch_op.drop_index('ix_inbox_user')
+        batch_op.drop_index('ix_inbox_state_received')
 
-    op.drop_table('processed_updates')
+    op.drop_table('inbox')
 

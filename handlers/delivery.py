@@ -1,0 +1,218 @@
+"""Delivery: a durable inbox in front of the dispatcher, so no update is lost or handled twice.
+
+aiogram's own polling confirms an update (by asking for the next offset) before its handler has
+finished, so a crash loses it. Here every update is stored first, in one transaction per batch,
+and only then confirmed; it is processed in order within its chat, marked done afterwards, and
+whatever a crash or a shutdown left unprocessed is processed again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import traceback
+from collections.abc import Iterable
+
+from aiogram import Bot, Dispatcher
+from aiogram.exceptions import (
+    TelegramConflictError,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+    TelegramServerError,
+    TelegramUnauthorizedError,
+)
+from aiogram.types import Update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.models import utcnow
+from storage.repositories import Inbox
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+
+
+def chat_key(update: Update) -> int:
+    """The chat whose order this update belongs to (the user, when there is no chat)."""
+    event = update.event
+    chat = getattr(event, "chat", None)
+    if chat is None and getattr(event, "message", None) is not None:
+        chat = getattr(event.message, "chat", None)
+    if chat is not None:
+        return int(chat.id)
+    user = getattr(event, "from_user", None)
+    return int(user.id) if user is not None else 0
+
+
+def user_of(update: Update) -> int | None:
+    user = getattr(update.event, "from_user", None)
+    return int(user.id) if user is not None else None
+
+
+class Delivery:
+    """Takes updates in (from getUpdates or a webhook), stores them, and runs them in chat order."""
+
+    def __init__(
+        self, bot: Bot, dispatcher: Dispatcher, sessions: async_sessionmaker[AsyncSession], *,
+        recovery_window: dt.timedelta, shutdown_grace: float,
+    ) -> None:
+        self.bot = bot
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.recovery_window = recovery_window
+        self.shutdown_grace = shutdown_grace
+        self._tails: dict[int, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    # --- taking updates in -----------------------------------------------------------------
+
+    async def accept(self, updates: Iterable[Update]) -> list[Update]:
+        """Store a batch durably; returns the updates seen for the first time, in order."""
+        fresh = []
+        async with self.sessions() as db:
+            inbox = Inbox(db)
+            for update in updates:
+                payload = update.model_dump_json(exclude_none=True)
+                if await inbox.store(update.update_id, user_of(update), chat_key(update), payload):
+                    fresh.append(update)
+                else:
+                    log.info("update %s redelivered: already taken in", update.update_id)
+            await db.commit()
+        return fresh
+
+    def dispatch(self, update: Update) -> asyncio.Task[None]:
+        """Run the update after the ones before it in the same chat; other chats do not wait."""
+        key = chat_key(update)
+        previous = self._tails.get(key)
+        task = asyncio.create_task(self._after(previous, update))
+        self._tails[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._forget(key, done))
+        return task
+
+    def _forget(self, key: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._tails.get(key) is task:
+            del self._tails[key]
+
+    async def _after(self, previous: asyncio.Task[None] | None, update: Update) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._process(update)
+
+    async def _process(self, update: Update) -> None:
+        try:
+            await self.dispatcher.feed_update(self.bot, update)
+        except asyncio.CancelledError:
+            raise  # shutdown: left unprocessed in the inbox, handled again at the next start
+        except Exception as exc:  # noqa: BLE001 - one bad update must not stop the others
+            # Frames only: an exception's message may quote the user's text.
+            log.error(
+                "update %s failed: %s\n%s", update.update_id, type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+        async with self.sessions() as db:
+            await Inbox(db).mark_done(update.update_id)
+            await db.commit()
+
+    # --- crash recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Dispatch what a crash or a shutdown left unprocessed; too old: drop it, say so in the log."""
+        async with self.sessions() as db:
+            rows = await Inbox(db).unprocessed()
+        cutoff = utcnow() - self.recovery_window
+        recovered = 0
+        for row in rows:
+            if row.payload is None:
+                continue
+            update = Update.model_validate_json(row.payload, context={"bot": self.bot})
+            if row.received_at >= cutoff:
+                self.dispatch(update)
+                recovered += 1
+            else:
+                await self._too_late(update)
+        if recovered:
+            log.warning("recovering %d update(s) left unprocessed by the last run", recovered)
+        return recovered
+
+    async def _too_late(self, update: Update) -> None:
+        """Older than the recovery window: the user is told to resend, never silently dropped."""
+        if update.message is not None and update.message.text:
+            await self.dispatcher.feed_update(self.bot, update, expired=True)
+        async with self.sessions() as db:
+            await Inbox(db).mark_done(update.update_id)
+            await db.commit()
+
+    # --- polling -----------------------------------------------------------------------------
+
+    async def poll(self, *, timeout: int = 25, allowed_updates: list[str] | None = None) -> None:
+        """Long polling: the offset moves past an update only after the inbox holds it."""
+        offset: int | None = None
+        backoff = 1.0
+        while not self._stopping.is_set():
+            request = asyncio.create_task(self.bot.get_updates(
+                offset=offset, timeout=timeout, allowed_updates=allowed_updates,
+                request_timeout=timeout + 10,
+            ))
+            stop = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait([request, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not request.done():
+                request.cancel()  # stopping: whatever Telegram holds stays unconfirmed
+                break
+            try:
+                updates = request.result()
+            except TelegramUnauthorizedError:
+                raise  # a wrong token does not heal by retrying
+            except TelegramConflictError:
+                log.error("another process is polling with this token (409): is the bot running twice?")
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            except TelegramRetryAfter as exc:
+                await self._sleep(exc.retry_after)
+                continue
+            except (TelegramNetworkError, TelegramServerError, OSError) as exc:
+                log.warning("getUpdates failed (%s): retrying in %.0f s", type(exc).__name__, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 1.0
+            if not updates:
+                continue
+            try:
+                fresh = await self.accept(updates)
+            except Exception as exc:  # noqa: BLE001 - database down: do not confirm, ask again
+                log.error("inbox unavailable (%s): updates stay with Telegram", type(exc).__name__)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            offset = updates[-1].update_id + 1
+            for update in fresh:
+                self.dispatch(update)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking updates (SIGTERM); `drain` then finishes or hands back the work in flight."""
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("finishing %d update(s) in flight", len(self._tasks))
+        done, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("%d update(s) handed back: processed again at the next start", len(pending))
