@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import html
-import itertools
 import re
 import unicodedata
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
-from itertools import accumulate
-from typing import NamedTuple
+from functools import lru_cache, wraps
+from itertools import accumulate, count
+from typing import NamedTuple, ParamSpec, TypeVar
 
-__all__ = ["TELEGRAM_LIMIT", "plain_parts", "render_html", "render_parts", "strip_html", "utf16_len"]
+__all__ = [
+    "MIN_LIMIT", "TELEGRAM_LIMIT", "plain_parts", "render_html", "render_parts", "strip_html",
+    "utf16_len",
+]
 
 TELEGRAM_LIMIT = 4096  # UTF-16 code units per message text
 MIN_LIMIT = 16  # below this even one escaped character plus its tags may not fit
@@ -33,6 +36,8 @@ class Mark(NamedTuple):
 
 
 class Run(NamedTuple):
+    """A stretch of visible text and the tags around it."""
+
     text: str
     marks: tuple[Mark, ...]  # outermost first, always in _ORDER
 
@@ -62,7 +67,7 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _common_prefix(a: tuple, b: tuple) -> int:
+def _common_prefix(a: tuple[object, ...], b: tuple[object, ...]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -125,7 +130,13 @@ def _emit(runs: list[Run]) -> str:
 def _inline_syntax(code: bool, links: bool) -> re.Pattern[str]:
     """Only look for ` and [ ] when the line could hold a code span or a link at all."""
     # A backslash escapes ASCII punctuation except the backtick (code spans are found first).
-    alternatives = [r"(?P<escape>\\[!-/:-@\[-_{-~])", r"(?P<delim>\*+|_+|~+)"]
+    # A bare URL is literal, so "https://x.io/_a_" keeps its underscores; trailing punctuation
+    # and * _ ~ stay outside it so "**https://x.io**" still closes the bold.
+    alternatives = [
+        r"(?P<escape>\\[!-/:-@\[-_{-~])",
+        r"(?P<url>https?://[^\s<>`\[\]()]*[^\s<>`\[\]().,;:!?'\"*_~])",
+        r"(?P<delim>\*+|_+|~+)",
+    ]
     if code:
         alternatives.append(r"(?P<tick>`+)")
     if links:
@@ -152,7 +163,7 @@ class _Tok:
 
 
 def _code_spans(line: str) -> dict[int, tuple[int, str]]:
-    """start -> (end, content) of code spans: a backtick run closed by the next run of equal size."""
+    """start -> (end, content) of code spans: a backtick run closed by the next equal run."""
     runs = [(m.start(), m.end()) for m in _BACKTICKS.finditer(line)]
     by_size: dict[int, list[int]] = {}
     for idx, (a, b) in enumerate(runs):
@@ -226,9 +237,11 @@ class _Scanner:
     def run(self) -> list[_Tok]:
         line, i = self.line, 0
         while (m := self.syntax.search(line, i)) is not None:
-            self.buf.append(line[i : m.start()])
+            if m.start() > i:
+                self.buf.append(line[i : m.start()])
             i = self._syntax(m.lastgroup or "", m.start(), m.end())
-        self.buf.append(line[i:])
+        if i < len(line):
+            self.buf.append(line[i:])
         self.add(_Tok("skip", ""))  # flushes the text; "skip" tokens render as nothing
         return self.toks
 
@@ -237,6 +250,8 @@ class _Scanner:
         line = self.line
         if kind == "escape":
             self.buf.append(line[start + 1])
+        elif kind == "url":
+            self.buf.append(line[start:end])
         elif kind == "delim":
             if tok := _delimiter(line, start, end):
                 self.add(tok)
@@ -271,16 +286,21 @@ def _resolve_links(toks: list[_Tok]) -> None:
         if tok.kind == "open":
             openers.append(idx)
         elif tok.kind == "close":
-            if not openers:
-                tok.kind = "text"
+            if not openers:  # "](url)" with no "[" before it is just text
+                tok.kind, tok.href = "text", ""
                 continue
             start = openers.pop()
             if not tok.href:  # "[x]" without a destination: both brackets are text
                 toks[start].kind = tok.kind = "text"
                 continue
-            for inner in toks[start + 1 : idx]:
+            label = toks[start + 1 : idx]
+            for inner in label:
                 inner.href = tok.href
-            toks[start].kind = tok.kind = "skip"
+            toks[start].kind = "skip"
+            if not any(inner.text for inner in label):  # "[](url)": show the URL itself
+                tok.kind, tok.text = "text", tok.href
+            else:
+                tok.kind = "skip"
             for dead in openers:  # a link may not contain a link, so outer [ are text now
                 toks[dead].kind = "text"
             openers.clear()
@@ -314,7 +334,9 @@ def _match_emphasis(toks: list[_Tok]) -> list[tuple[int, int, str]]:
     return pairs
 
 
-def _active_styles(toks: list[_Tok], pairs: list[tuple[int, int, str]]) -> list[tuple[str, ...]]:
+def _active_styles(
+    toks: list[_Tok], pairs: list[tuple[int, int, str]]
+) -> list[tuple[str, ...]]:
     """Styles covering each token: nesting depth per style, updated only where pairs begin/end."""
     changes: dict[int, list[tuple[str, int]]] = {}
     for opener, closer, tag in pairs:
@@ -347,7 +369,9 @@ def _inline_runs(text: str, base: tuple[Mark, ...] = ()) -> list[Run]:
 
 
 @lru_cache(maxsize=4096)
-def _marks(base: tuple[Mark, ...], styles: tuple[str, ...], href: str, code: bool) -> tuple[Mark, ...]:
+def _marks(
+    base: tuple[Mark, ...], styles: tuple[str, ...], href: str, code: bool
+) -> tuple[Mark, ...]:
     marks = set(base) | {Mark(tag) for tag in styles}
     if href:
         marks.add(Mark("a", href))
@@ -481,7 +505,7 @@ def _table_rows(rows: list[list[str]]) -> list[str]:
 class _Parser:
     """Line-based block parser; a blockquote's content is parsed again by the same parser."""
 
-    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    ids: Iterator[int] = field(default_factory=lambda: count(1))
     group: int = 0
     group_kind: str = ""
 
@@ -525,8 +549,9 @@ class _Parser:
             return i + 1
         if heading := _HEADING.match(line):
             indents.clear()
-            runs = _inline_runs(_heading_text(line, heading.end()), (BOLD,))
-            out.append(_Line(runs, (), self._group("heading"), "heading"))
+            if text := _heading_text(line, heading.end()):  # a bare "##" (mid-stream) shows nothing
+                runs = _inline_runs(text, (BOLD,))
+                out.append(_Line(runs, (), self._group("heading"), "heading"))
             return i + 1
         if item := _LIST_ITEM.match(line):
             out.append(self._list_item(line, item, indents))
@@ -666,7 +691,11 @@ def _normalize(text: str) -> str:
 
 
 def _markdown_doc(markdown: str) -> _Doc:
-    return _flatten(_Parser().parse(_normalize(markdown).split("\n")))
+    text = _normalize(markdown)
+    doc = _flatten(_Parser().parse(text.split("\n")))
+    if text.strip() and not any(run.text.strip() for run in doc.runs):
+        return _plain_doc(text)  # a lone "```" or ">" shows as typed rather than as nothing
+    return doc
 
 
 def _plain_doc(text: str) -> _Doc:
@@ -748,7 +777,6 @@ class _Sizer:
         steps = (_transition(runs[k - 1].marks, runs[k].marks) for k in range(1, len(runs)))
         self.transitions = list(accumulate(steps, initial=0))
 
-
     def run_at(self, pos: int) -> int:
         return bisect_right(self.starts, pos) - 1
 
@@ -779,7 +807,8 @@ def _cuts(text: str, newline_strength: dict[int, int]) -> list[tuple[int, int, i
             continue
         if "\n" in gap:
             last_nl = start + gap.rindex("\n")
-            strength = max(newline_strength.get(start + k, LINE) for k, c in enumerate(gap) if c == "\n")
+            newlines = (start + k for k, c in enumerate(gap) if c == "\n")
+            strength = max(newline_strength.get(pos, LINE) for pos in newlines)
             out.append((start, last_nl + 1, strength))  # keep the next line's indentation
             continue
         before = text[start - 1]
@@ -799,10 +828,11 @@ def _glued(text: str, pos: int) -> bool:
     ch, prev = text[pos], text[pos - 1]
     if prev == "\u200d" or ch == "\u200d" or unicodedata.combining(ch):
         return True
-    if "\ufe00" <= ch <= "\ufe0f" or "\U0001f3fb" <= ch <= "\U0001f3ff" or "\U000e0000" <= ch <= "\U000e007f":
+    if "\ufe00" <= ch <= "\ufe0f" or "\U0001f3fb" <= ch <= "\U0001f3ff":  # variation, skin tone
         return True
-    flags = "\U0001f1e6" <= ch <= "\U0001f1ff" and "\U0001f1e6" <= prev <= "\U0001f1ff"
-    return flags
+    if "\U000e0000" <= ch <= "\U000e007f":  # tag characters of subdivision flags
+        return True
+    return "\U0001f1e6" <= ch <= "\U0001f1ff" and "\U0001f1e6" <= prev <= "\U0001f1ff"  # flag pair
 
 
 def _hard_cut(text: str, start: int, end: int) -> int:
@@ -833,7 +863,13 @@ def _split(doc: _Doc, limit: int, escape: bool) -> list[list[Run]]:
     """Cut the runs into slices whose HTML is at most `limit` UTF-16 units each."""
     if limit < MIN_LIMIT:
         raise ValueError(f"limit must be at least {MIN_LIMIT}, got {limit}")
-    sizer = _Sizer(_merge(_affordable(doc.runs, limit)), escape)
+    runs = _merge(doc.runs)
+    whole = _Sizer(runs, escape)
+    if not whole.text.strip():
+        return []
+    if whole.size(0, len(whole.text)) <= limit:
+        return [runs]  # what fits is sent as is: not cut, no tags simplified
+    sizer = _Sizer(_merge(_affordable(runs, limit)), escape)
     cuts = _cuts(sizer.text, doc.breaks)
     cut_starts = [c[0] for c in cuts]
     parts, start, total = [], 0, len(sizer.text)
@@ -864,12 +900,40 @@ def _fit(sizer: _Sizer, start: int, total: int, limit: int) -> int:
 # Public API
 # ---------------------------------------------------------------------------------------------
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+
+def _gc_paused(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` with the cyclic garbage collector paused.
+
+    Rendering allocates one short-lived object per token. In a bot process with a few hundred
+    thousand live objects, the collector passes those allocations trigger took two thirds of the
+    time on 100k-character inputs (measured: 1.07 s -> 0.36 s). Nothing here forms reference
+    cycles, so reference counting frees it all and pausing the collector loses nothing; the
+    work is synchronous, so no other coroutine runs meanwhile.
+    """
+
+    @wraps(fn)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def render_html(markdown: str) -> str:
     """Telegram HTML (parse_mode=HTML) for model Markdown; balanced even for a partial stream."""
     return _emit(_merge(_markdown_doc(markdown).runs))
 
 
+@_gc_paused
 def render_parts(markdown: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
     """Render and split an answer into balanced HTML parts of at most `limit` UTF-16 units each.
 
@@ -880,9 +944,11 @@ def render_parts(markdown: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
     return [_emit(part) for part in _split(_markdown_doc(markdown), limit, escape=True)]
 
 
+@_gc_paused
 def plain_parts(text: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
     """Split plain text (sent with parse_mode=None) into parts of at most `limit` UTF-16 units."""
-    return ["".join(run.text for run in part) for part in _split(_plain_doc(text), limit, escape=False)]
+    parts = _split(_plain_doc(text), limit, escape=False)
+    return ["".join(run.text for run in part) for part in parts]
 
 
 _TAG = re.compile(r"<[^<>]*>")

@@ -12,7 +12,7 @@ from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
 from aiogram.types import Message, ReplyParameters
 
-from handlers.formatting import plain_parts, render_parts
+from handlers.formatting import render_parts, strip_html
 
 log = logging.getLogger(__name__)
 
@@ -76,29 +76,30 @@ class AnswerStream:
         if not text.strip():
             await self._drop_placeholder()
             return []
-        try:
-            return await self._deliver(render_parts(text), ParseMode.HTML)
-        except TelegramBadRequest as exc:
-            if "can't parse entities" not in str(exc).lower() and "parse" not in str(exc).lower():
-                raise
-            log.warning("formatting rejected by Telegram: sending plain text")
-            return await self._deliver(plain_parts(text), None)
+        return [await self._deliver_part(index, part) for index, part in enumerate(render_parts(text))]
 
     async def abandon(self) -> None:
         await self._stop_painter()
         await self._drop_placeholder()
 
-    async def _deliver(self, parts: list[str], parse_mode: ParseMode | None) -> list[Message]:
-        sent: list[Message] = []
-        for index, part in enumerate(parts):
-            if index == 0 and self.placeholder is not None:
-                sent.append(await self._edit_placeholder(part, parse_mode))
-                continue
-            sent.append(await self.bot.send_message(
-                self.chat_id, part, parse_mode=parse_mode,
-                reply_parameters=self._reply() if index == 0 else None,
-            ))
-            self.pacer.mark(self.chat_id)
+    async def _deliver_part(self, index: int, part: str) -> Message:
+        """One part as HTML; if Telegram cannot parse it, the same part as plain text (once)."""
+        try:
+            return await self._send_part(index, part, ParseMode.HTML)
+        except TelegramBadRequest as exc:
+            if "parse" not in str(exc).lower():
+                raise
+            log.warning("formatting rejected by Telegram: part %d sent as plain text", index)
+            return await self._send_part(index, strip_html(part), None)
+
+    async def _send_part(self, index: int, part: str, parse_mode: ParseMode | None) -> Message:
+        if index == 0 and self.placeholder is not None:
+            return await self._edit_placeholder(part, parse_mode)
+        sent = await self.bot.send_message(
+            self.chat_id, part, parse_mode=parse_mode,
+            reply_parameters=self._reply() if index == 0 else None,
+        )
+        self.pacer.mark(self.chat_id)
         return sent
 
     def _reply(self) -> ReplyParameters | None:

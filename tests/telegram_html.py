@@ -47,8 +47,9 @@ class _Checker(HTMLParser):
         values = dict(attrs)
         if tag == "a" and not values.get("href"):
             self.fail("<a> without href")
-        if tag == "code" and "class" in values and not (values["class"] or "").startswith("language-"):
-            self.fail(f"bad code class {values['class']!r}")
+        language_class = values.get("class", "language-") or ""
+        if tag == "code" and not language_class.startswith("language-"):
+            self.fail(f"bad code class {language_class!r}")
         if tag == "span" and values.get("class") != "tg-spoiler":
             self.fail('<span> without class="tg-spoiler"')
 
