@@ -22,6 +22,7 @@ log = logging.getLogger("desktop")
 
 MODES = {
     "polling": "run the Telegram bot with long polling (the default)",
+    "webhook": "run the Telegram bot behind a webhook (the default when WEBHOOK_URL is set)",
     "console": "chat with the agent in this terminal: roles, sessions and memory without Telegram",
     "traces": "list recent graph runs, or show one run as a tree: traces [RUN_ID]",
     "rotate-keys": "re-encrypt every stored value under the newest ENCRYPTION_KEY",
@@ -38,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="modes:\n" + "\n".join(f"  {name:<12} {text}" for name, text in MODES.items())
         + "\n\nConfiguration comes from the environment and .env (see .env.example).",
     )
-    parser.add_argument("mode", nargs="?", default="polling", choices=list(MODES), metavar="MODE")
+    parser.add_argument("mode", nargs="?", default=None, choices=list(MODES), metavar="MODE")
     parser.add_argument("run_id", nargs="?", help="for traces: the run to show (a prefix is enough)")
     return parser.parse_args(argv)
 
@@ -118,27 +119,34 @@ def export_tracing_settings(settings: Settings) -> None:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.mode == "polling" and settings.telegram_token is None:
+    mode = args.mode or ("webhook" if settings.webhook_url else "polling")
+    if mode in ("polling", "webhook") and settings.telegram_token is None:
         raise ConfigError("TELEGRAM_TOKEN: required to run the Telegram bot (or run: python bot.py console)")
+    if mode == "webhook" and settings.webhook_url is None:
+        raise ConfigError("WEBHOOK_URL: required in webhook mode (the public https URL Telegram posts to)")
     async with composed(settings) as agent:
-        if args.mode == "polling":
+        if mode == "polling":
             from handlers.app import run_polling
 
             await run_polling(agent)
-        elif args.mode == "console":
+        elif mode == "webhook":
+            from handlers.webhook import run_webhook
+
+            await run_webhook(agent)
+        elif mode == "console":
             from console import run_console
 
             await run_console(agent)
-        elif args.mode == "traces":
+        elif mode == "traces":
             from console import show_traces
 
             await show_traces(agent, args.run_id)
-        elif args.mode == "rotate-keys":
+        elif mode == "rotate-keys":
             from storage.rotation import rotate_all
 
             for column, count in (await rotate_all(agent.services.sessions)).items():
                 print(f"{column}: {count} re-encrypted")
-        elif args.mode == "check":
+        elif mode == "check":
             print(f"configuration OK; roles: {', '.join(r.id for r in agent.services.roles.roles())}")
             for problem in agent.services.roles.errors():
                 print(f"role file problem: {problem}")

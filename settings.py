@@ -71,7 +71,12 @@ class Settings(BaseSettings):
 
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    webhook_listen_host: str = "0.0.0.0"
+    webhook_port: int = Field(8080, ge=1, le=65535)
+    # Off for a fleet: one replica stopping must not unhook the others.
+    webhook_delete_on_stop: bool = True
     redis_url: str | None = None
+    chat_lock_seconds: float = Field(30.0, ge=1)
 
     langsmith_tracing: bool = False
     langsmith_api_key: SecretStr | None = None
@@ -116,6 +121,24 @@ class Settings(BaseSettings):
             raise ValueError("expected a URL like postgresql+asyncpg://user:pass@host/db") from None
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError("expected a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis:// URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
+            raise ValueError("expected 1-256 characters: letters, digits, _ and -")
         return value
 
     @field_validator("log_level")

@@ -15,10 +15,13 @@ from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
 from aiogram.fsm.storage.base import BaseStorage
 from aiogram.fsm.storage.memory import MemoryStorage
+from aiogram.fsm.storage.redis import RedisStorage
+from redis.asyncio import Redis
 
 from graph.agent import Agent
 from handlers import chat, commands, data_rights, flood, personalize, sessions
 from handlers.delivery import Delivery
+from handlers.fleet import ChatLocks, SharedPacer
 from handlers.i18n import Catalog
 from handlers.middlewares import UpdateMiddleware
 from handlers.streaming import ChatPacer
@@ -32,7 +35,7 @@ class Deps(TypedDict):
 
     agent: Agent
     catalog: Catalog
-    pacer: ChatPacer
+    pacer: ChatPacer | SharedPacer
     settings: Settings
 
 
@@ -63,9 +66,12 @@ def root_router() -> Router:
     return root
 
 
-def build_dispatcher(agent: Agent, catalog: Catalog, storage: BaseStorage | None = None) -> Dispatcher:
+def build_dispatcher(
+    agent: Agent, catalog: Catalog, storage: BaseStorage | None = None,
+    pacer: ChatPacer | SharedPacer | None = None,
+) -> Dispatcher:
     settings = agent.services.settings
-    deps = Deps(agent=agent, catalog=catalog, pacer=ChatPacer(), settings=settings)
+    deps = Deps(agent=agent, catalog=catalog, pacer=pacer or ChatPacer(), settings=settings)
     dispatcher = Dispatcher(storage=storage or MemoryStorage(), **deps)
     dispatcher.update.outer_middleware(UpdateMiddleware(agent.services.sessions, settings, catalog))
     dispatcher.include_router(root_router())
@@ -75,6 +81,17 @@ def build_dispatcher(agent: Agent, catalog: Catalog, storage: BaseStorage | None
 
     dispatcher.startup.register(on_startup)
     return dispatcher
+
+
+def fleet_parts(
+    settings: Settings,
+) -> tuple[Redis | None, BaseStorage, ChatLocks | None, ChatPacer | SharedPacer]:
+    """With REDIS_URL: FSM data, chat locks and pacing shared by every process; else in memory."""
+    if not settings.redis_url:
+        return None, MemoryStorage(), None, ChatPacer()
+    redis = Redis.from_url(settings.redis_url)
+    storage = RedisStorage(redis, state_ttl=86_400, data_ttl=86_400)
+    return redis, storage, ChatLocks(redis, settings.chat_lock_seconds), SharedPacer(redis)
 
 
 def build_delivery(bot: Bot, dispatcher: Dispatcher, agent: Agent) -> Delivery:

@@ -30,6 +30,9 @@ class ChatPacer:
     def wait_time(self, chat_id: int, interval: float) -> float:
         return max(0.0, self._last.get(chat_id, 0.0) + interval - time.monotonic())
 
+    async def refresh(self, chat_id: int) -> None:
+        """Nothing to learn: in one process every send to a chat goes through this pacer."""
+
     def mark(self, chat_id: int) -> None:
         self._last[chat_id] = time.monotonic()
         if len(self._last) > 10_000:  # forget chats that went quiet long ago
@@ -140,6 +143,7 @@ class AnswerStream:
             self.placeholder = None
 
     async def _paint(self) -> None:
+        await self.pacer.refresh(self.chat_id)
         while not self._closed:
             await self._changed.wait()
             self._changed.clear()

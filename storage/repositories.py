@@ -425,6 +425,24 @@ class Inbox:
         )
         return list((await self.db.execute(stmt)).scalars())
 
+    async def next_for_chat(self, chat_id: int) -> InboxUpdate | None:
+        """The oldest update of a chat still waiting: chats are worked through in arrival order."""
+        stmt = (
+            select(InboxUpdate)
+            .where(InboxUpdate.chat_id == chat_id, InboxUpdate.state == "new")
+            .order_by(InboxUpdate.received_at, InboxUpdate.update_id)
+            .limit(1)
+        )
+        return (await self.db.execute(stmt)).scalar_one_or_none()
+
+    async def chats_waiting(self, received_before: dt.datetime) -> list[int]:
+        stmt = (
+            select(InboxUpdate.chat_id)
+            .where(InboxUpdate.state == "new", InboxUpdate.received_at < received_before)
+            .distinct()
+        )
+        return [c for c in (await self.db.execute(stmt)).scalars() if c is not None]
+
     async def forget_before(self, cutoff: dt.datetime) -> int:
         result = await self.db.execute(
             delete(InboxUpdate).where(InboxUpdate.state == "done", InboxUpdate.received_at < cutoff)

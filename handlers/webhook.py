@@ -1,0 +1,147 @@
+"""Webhook mode: an aiohttp server that acknowledges an update only once it is durably stored."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+from urllib.parse import urlsplit
+
+from aiogram import Bot, Dispatcher
+from aiogram.types import Update
+from aiohttp import web
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from graph.agent import Agent
+from handlers.delivery import Delivery
+
+log = logging.getLogger(__name__)
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+class WebhookServer:
+    """POST <path>: check the secret, store, answer 200, then process; GET /health: readiness."""
+
+    def __init__(
+        self, agent: Agent, bot: Bot, dispatcher: Dispatcher, delivery: Delivery,
+        redis: Redis | None,
+    ) -> None:
+        settings = agent.services.settings
+        assert settings.webhook_url is not None
+        self.agent = agent
+        self.bot = bot
+        self.dispatcher = dispatcher
+        self.delivery = delivery
+        self.redis = redis
+        self.path = urlsplit(settings.webhook_url).path or "/"
+        self.secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_post(self.path, self.receive)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def receive(self, request: web.Request) -> web.Response:
+        if self.secret is not None:
+            given = request.headers.get(SECRET_HEADER, "")
+            if not hmac.compare_digest(given.encode(), self.secret.encode()):
+                return web.Response(status=401, text="unauthorized")
+        try:
+            update = Update.model_validate(await request.json(), context={"bot": self.bot})
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError):
+            return web.Response(status=400, text="not a Telegram update")
+        try:
+            fresh = await self.delivery.accept([update])
+        except Exception as exc:  # noqa: BLE001 - not stored: Telegram must deliver it again
+            log.error("inbox unavailable (%s): asking Telegram to retry", type(exc).__name__)
+            return web.Response(status=503, text="try again")
+        for new in fresh:
+            self.delivery.dispatch(new)
+        return web.json_response({})
+
+    async def health(self, request: web.Request) -> web.Response:
+        checks: dict[str, str] = {}
+        try:
+            async with self.agent.services.sessions() as db:
+                await db.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["database"] = type(exc).__name__
+        if self.redis is not None:
+            try:
+                await self.redis.ping()
+                checks["redis"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                checks["redis"] = type(exc).__name__
+        checks["model_provider"] = await self._provider()
+        ready = all(v == "ok" for v in checks.values())
+        return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+    async def _provider(self) -> str:
+        models = self.agent.services.models.chat_model(self.agent.services.settings.chat_model, 0.0)
+        try:
+            await asyncio.wait_for(models.root_async_client.models.list(), timeout=3)
+        except Exception as exc:  # noqa: BLE001
+            return type(exc).__name__
+        return "ok"
+
+
+async def run_webhook(agent: Agent) -> None:
+    from handlers.app import build_bot, build_dispatcher, fleet_parts
+    from handlers.i18n import Catalog
+
+    settings = agent.services.settings
+    redis, storage, locks, pacer = fleet_parts(settings)
+    bot = build_bot(settings)
+    dispatcher = build_dispatcher(agent, Catalog.load(), storage=storage, pacer=pacer)
+    delivery = fleet_delivery(bot, dispatcher, agent, locks)
+    server = WebhookServer(agent, bot, dispatcher, delivery, redis)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.webhook_listen_host, settings.webhook_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await dispatcher.emit_startup(bot=bot, **dispatcher.workflow_data)
+    try:
+        await site.start()
+        await bot.set_webhook(
+            settings.webhook_url or "", secret_token=server.secret,
+            allowed_updates=dispatcher.resolve_used_update_types(), drop_pending_updates=False,
+        )
+        await delivery.recover()
+        log.info("webhook mode: listening on %s:%s%s", settings.webhook_listen_host, settings.webhook_port, server.path)
+        await stop.wait()
+    finally:
+        delivery.stop()
+        await runner.shutdown()  # stop taking requests first
+        await delivery.drain()
+        if settings.webhook_delete_on_stop:
+            await bot.delete_webhook(drop_pending_updates=False)
+        await dispatcher.emit_shutdown(bot=bot, **dispatcher.workflow_data)
+        await runner.cleanup()
+        await bot.session.close()
+        if redis is not None:
+            await redis.aclose()
+
+
+def fleet_delivery(bot: Bot, dispatcher: Dispatcher, agent: Agent, locks: object) -> Delivery:
+    import datetime as dt
+
+    from handlers.fleet import ChatLocks, FleetDelivery
+
+    settings = agent.services.settings
+    options = dict(
+        recovery_window=dt.timedelta(minutes=settings.recovery_window_minutes),
+        shutdown_grace=settings.shutdown_grace_seconds,
+    )
+    if isinstance(locks, ChatLocks):
+        return FleetDelivery(bot, dispatcher, agent.services.sessions, locks=locks, **options)
+    return Delivery(bot, dispatcher, agent.services.sessions, **options)  # type: ignore[arg-type]
