@@ -10,6 +10,7 @@ from aiogram import BaseMiddleware
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from handlers.formatting import strip_html
 from handlers.i18n import Catalog
 from settings import Settings
 
@@ -52,7 +53,7 @@ class UpdateMiddleware(BaseMiddleware):
         if update.message is not None and update.message.chat.type == "private":
             await update.message.answer(text)
         elif update.callback_query is not None:
-            await update.callback_query.answer(self.catalog.plain(lang, "errors.stale_button"))
+            await update.callback_query.answer(strip_html(text), show_alert=True)
 
 
 def private_only(event: Message | CallbackQuery) -> bool:
