@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,6 +17,7 @@ from settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from graph.agent import Agent
+    from memory.base import MemoryStore
 
 log = logging.getLogger("desktop")
 
@@ -62,7 +63,6 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
     from graph.context import Services
     from graph.model import ModelGateway
     from graph.roles import RoleRegistry
-    from memory.local import LocalMemory
     from storage import crypto
     from storage.db import create_engine, migrate, session_maker
     from storage.rotation import check_keys
@@ -82,6 +82,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         except (OSError, SQLAlchemyError) as exc:
             raise ConfigError(f"DATABASE_URL: cannot use the database ({type(exc).__name__})") from None
         sessions = session_maker(engine)
+        memory = await build_memory(settings, sessions)
         try:
             await check_keys(sessions)
         except crypto.DecryptionError:
@@ -101,12 +102,54 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
             retry_base_delay=settings.model_retry_base_delay,
         )
         services = Services(
-            settings=settings, sessions=sessions, roles=roles, memory=LocalMemory(sessions),
-            models=models,
+            settings=settings, sessions=sessions, roles=roles, memory=memory, models=models,
         )
-        yield Agent(services)
+        try:
+            yield Agent(services)
+        finally:
+            close = getattr(memory, "close", None)
+            if close is not None:
+                await close()
     finally:
         await engine.dispose()
+
+
+async def build_memory(settings: Settings, sessions: Any) -> MemoryStore:
+    """Pinecone when PINECONE_API_KEY is set, otherwise the local backend in the SQL database."""
+    from memory.local import LocalMemory
+
+    if settings.pinecone_api_key is None:
+        return LocalMemory(sessions)
+    from memory.pinecone import MemoryUnavailable, PineconeMemory
+
+    if not (settings.pinecone_host or settings.pinecone_index):
+        raise ConfigError("PINECONE_INDEX: required with PINECONE_API_KEY (or PINECONE_HOST)")
+    memory = PineconeMemory.from_settings(settings, sessions)
+    try:
+        await memory.start()
+    except MemoryUnavailable as exc:
+        raise ConfigError(f"PINECONE_INDEX: the index cannot be reached ({exc})") from None
+    return memory
+
+
+@asynccontextmanager
+async def background_jobs(agent: Agent, redis_url: str | None) -> AsyncIterator[None]:
+    """APScheduler upkeep; with REDIS_URL each run is claimed so the fleet runs it once."""
+    from ops.jobs import JobClaims, build_scheduler
+
+    redis = None
+    if redis_url:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(redis_url)
+    scheduler = build_scheduler(agent, claims=JobClaims(redis) if redis is not None else None)
+    scheduler.start()
+    try:
+        yield
+    finally:
+        scheduler.shutdown(wait=False)
+        if redis is not None:
+            await redis.aclose()
 
 
 def export_tracing_settings(settings: Settings) -> None:
@@ -119,6 +162,7 @@ def export_tracing_settings(settings: Settings) -> None:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
+    start_monitoring(settings)  # inside the loop: Sentry's asyncio integration hooks it
     mode = args.mode or ("webhook" if settings.webhook_url else "polling")
     if mode in ("polling", "webhook") and settings.telegram_token is None:
         raise ConfigError("TELEGRAM_TOKEN: required to run the Telegram bot (or run: python bot.py console)")
@@ -128,11 +172,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if mode == "polling":
             from handlers.app import run_polling
 
-            await run_polling(agent)
+            async with background_jobs(agent, None):
+                await run_polling(agent)
         elif mode == "webhook":
             from handlers.webhook import run_webhook
 
-            await run_webhook(agent)
+            async with background_jobs(agent, settings.redis_url):
+                await run_webhook(agent)
         elif mode == "console":
             from console import run_console
 
@@ -152,6 +198,18 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"role file problem: {problem}")
         # "migrate" has nothing more to do: composing the services applied the migrations.
     return 0
+
+
+def start_monitoring(settings: Settings) -> None:
+    """Secrets masked in every log line; Sentry (scrubbed of user text) when a DSN is set."""
+    from ops.monitoring import init_sentry, install_log_redaction
+
+    install_log_redaction(settings.secret_values())
+    if settings.sentry_dsn is not None:
+        init_sentry(
+            settings.sentry_dsn.get_secret_value(), release=settings.sentry_release,
+            environment=settings.sentry_environment, secrets=settings.secret_values(),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

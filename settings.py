@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     pinecone_api_key: SecretStr | None = None
     pinecone_index: str | None = None
     pinecone_host: str | None = None
+    pinecone_timeout: float = Field(10.0, gt=0)
 
     database_url: SecretStr | None = None
     db_user: str | None = None
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
     encryption_key: SecretStr | None = None
 
     sentry_dsn: SecretStr | None = None
+    sentry_environment: str | None = None
+    sentry_release: str | None = None
 
     daily_token_limit: int = Field(50_000, ge=0)
     max_message_chars: int = Field(8_000, ge=1)
@@ -63,6 +66,7 @@ class Settings(BaseSettings):
     history_messages: int = Field(40, ge=0)
     reservation_ttl_seconds: int = Field(600, ge=10)
     session_idle_minutes: int = Field(120, ge=1)
+    transcript_retention_days: int | None = Field(None, ge=1)
     recovery_window_minutes: int = Field(60, ge=0)
     shutdown_grace_seconds: float = Field(25.0, ge=0)
 
@@ -122,6 +126,11 @@ class Settings(BaseSettings):
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError("expected a postgresql:// or sqlite:// URL")
         return value
+
+    @field_validator("transcript_retention_days", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("redis_url")
     @classmethod

@@ -320,14 +320,17 @@ class Agent:
         return document
 
     async def delete_data(self, user_id: int) -> DeletionReceipt:
-        memories = await self.services.memory.delete_user(user_id)
+        memory = self.services.memory
+        remembered = await memory.delete_user(user_id)
         async with self.services.sessions() as db:
             receipt = await delete_user(db, user_id)
             await db.commit()
-        # Local memory rows go with the SQL delete; count them once.
-        if memories and not receipt.memories:
+        # Once more after the rows are gone: a summary that finished in between may have
+        # written a vector; with the user row gone, nothing can write one again.
+        remembered += await memory.delete_user(user_id)
+        if remembered > receipt.memories:  # vectors kept outside SQL (Pinecone) count too
             receipt = DeletionReceipt(
-                receipt.messages, receipt.sessions, memories, receipt.usage_days, receipt.traces
+                receipt.messages, receipt.sessions, remembered, receipt.usage_days, receipt.traces
             )
         return receipt
 
@@ -340,10 +343,10 @@ class Agent:
             await db.commit()
         return len(orphans)
 
-    async def sweep_reservations(self) -> int:
+    async def sweep_reservations(self, now: dt.datetime | None = None) -> int:
         """Settle reservations a crash left behind (charged in full: the call may have run)."""
         async with self.services.sessions() as db:
-            expired = await Budget(db).expired()
+            expired = await Budget(db).expired(now)
             for reservation_id in expired:
                 await Budget(db).settle(reservation_id, None)
             await db.commit()

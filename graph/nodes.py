@@ -33,9 +33,9 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
     ctx = runtime.context
     services = ctx.services
     k = services.settings.memory_top_k
-    if k == 0 or not await services.memory.has_any(ctx.user_id):
-        return {"memories": []}  # no embedding call for users with nothing remembered
     try:
+        if k == 0 or not await services.memory.has_any(ctx.user_id):
+            return {"memories": []}  # no embedding call for users with nothing remembered
         vector = await services.models.embed(state["text"])
         hits = await services.memory.search(ctx.user_id, vector, k)
     except (ModelFault, OSError, RuntimeError) as exc:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import sentry_sdk
+
 from storage.models import Trace, utcnow
 
 StateT = TypeVar("StateT")
@@ -61,6 +63,7 @@ def traced(name: str, node: Callable[[StateT, Any], Awaitable[dict[str, Any]]]) 
         except Exception as exc:
             entry["error"] = type(exc).__name__
             trace.error = f"{name}: {type(exc).__name__}"
+            sentry_sdk.set_tag("node", name)  # which step failed, for the report that follows
             raise
         finally:
             entry["ms"] = round((time.perf_counter() - began) * 1000, 3)

@@ -14,6 +14,7 @@ import logging
 import traceback
 from collections.abc import Iterable
 
+import sentry_sdk
 from aiogram import Bot, Dispatcher
 from aiogram.exceptions import (
     TelegramConflictError,
@@ -25,6 +26,7 @@ from aiogram.exceptions import (
 from aiogram.types import Update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ops.monitoring import tag_context
 from storage.models import utcnow
 from storage.repositories import Inbox
 
@@ -104,7 +106,9 @@ class Delivery:
 
     async def _process(self, update: Update) -> None:
         try:
-            await self.dispatcher.feed_update(self.bot, update)
+            with sentry_sdk.isolation_scope():
+                tag_context(user_of(update), None, None)  # hashed: Sentry never sees the id
+                await self.dispatcher.feed_update(self.bot, update)
         except asyncio.CancelledError:
             raise  # shutdown: left unprocessed in the inbox, handled again at the next start
         except Exception as exc:  # noqa: BLE001 - one bad update must not stop the others

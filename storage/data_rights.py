@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import (
     ChatSession,
+    MemoryOutbox,
     MemoryRecord,
     Message,
     InboxUpdate,
@@ -141,7 +142,9 @@ async def delete_user(db: AsyncSession, user_id: int) -> DeletionReceipt:
         traces=await count(Trace),
     )
     # Children first: correctness must not depend on the database enforcing ON DELETE CASCADE.
-    for model in (Message, Trace, MemoryRecord, Reservation, UsageDay, ChatSession, InboxUpdate):
+    for model in (
+        Message, Trace, MemoryRecord, MemoryOutbox, Reservation, UsageDay, ChatSession, InboxUpdate,
+    ):
         await db.execute(delete(model).where(model.user_id == user_id))
     await db.execute(delete(User).where(User.id == user_id))
     return receipt
