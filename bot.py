@@ -28,6 +28,7 @@ MODES = {
     "traces": "list recent graph runs, or show one run as a tree: traces [RUN_ID]",
     "rotate-keys": "re-encrypt every stored value under the newest ENCRYPTION_KEY",
     "migrate": "apply database migrations and exit",
+    "migrate-memory": "copy long-term memories: migrate-memory to-pinecone | to-local",
     "check": "validate the configuration and role files, then exit",
 }
 
@@ -41,7 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         + "\n\nConfiguration comes from the environment and .env (see .env.example).",
     )
     parser.add_argument("mode", nargs="?", default=None, choices=list(MODES), metavar="MODE")
-    parser.add_argument("run_id", nargs="?", help="for traces: the run to show (a prefix is enough)")
+    parser.add_argument(
+        "run_id", nargs="?",
+        help="traces: the run to show (a prefix is enough); migrate-memory: to-pinecone or to-local",
+    )
     return parser.parse_args(argv)
 
 
@@ -152,6 +156,24 @@ async def background_jobs(agent: Agent, redis_url: str | None) -> AsyncIterator[
             await redis.aclose()
 
 
+async def migrate_memory(agent: Agent, direction: str | None) -> None:
+    """Copy every memory (vectors included) between the local backend and Pinecone."""
+    from memory.local import LocalMemory
+    from memory.migrate import LocalSource, as_source, copy_memories
+
+    memory = agent.services.memory
+    if isinstance(memory, LocalMemory):
+        raise ConfigError("PINECONE_API_KEY: migrate-memory needs Pinecone configured")
+    sessions = agent.services.sessions
+    if direction == "to-pinecone":
+        report = await copy_memories(LocalSource(sessions), memory)
+    elif direction == "to-local":
+        report = await copy_memories(as_source(memory), LocalMemory(sessions))
+    else:
+        raise ConfigError("migrate-memory: say to-pinecone or to-local")
+    print(f"{report.copied} memories of {report.users} users copied ({report.skipped} skipped)")
+
+
 def export_tracing_settings(settings: Settings) -> None:
     """LangSmith reads os.environ; values given only in .env are passed on here."""
     if settings.langsmith_tracing and settings.langsmith_api_key:
@@ -192,6 +214,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
             for column, count in (await rotate_all(agent.services.sessions)).items():
                 print(f"{column}: {count} re-encrypted")
+        elif mode == "migrate-memory":
+            await migrate_memory(agent, args.run_id)
         elif mode == "check":
             print(f"configuration OK; roles: {', '.join(r.id for r in agent.services.roles.roles())}")
             for problem in agent.services.roles.errors():
