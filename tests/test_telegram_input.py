@@ -147,3 +147,44 @@ async def test_model_faults_get_distinct_honest_messages(h: Harness) -> None:
     h.ai.fail_next("rate_limit", times=3)
     busy = await h.reply_to(h.tg.send_text(15, "hi"), lambda m: "overloaded" in (m.text or ""))
     assert quota.text != busy.text
+
+
+async def test_custom_instructions_reach_the_prompt_and_can_be_cleared(h: Harness) -> None:
+    update = h.tg.send_text(16, "/personalize")
+    menu = await h.reply_to(update, lambda m: m.reply_markup is not None)
+    h.tg.press_button(16, menu.message_id, "instr:edit")
+    await h.tg.wait_for_message(16, lambda m: "instructions" in (m.text or "").lower() and m.message_id > menu.message_id)
+    saved = h.tg.send_text(16, "Call me Captain. Answer in haiku.")
+    await h.reply_to(saved, lambda m: "Saved" in (m.text or ""))
+    await h.reply_to(h.tg.send_text(16, "hello"), lambda m: (m.text or "").startswith("Answer"))
+    system = h.ai.last_system_prompt() or ""
+    assert "Call me Captain. Answer in haiku." in system
+    assert system.index("Captain") > system.index("preferences")  # framed as the user's wishes
+    # the instruction text itself was never answered by the model
+    assert all("Captain" not in body["messages"][-1]["content"] for body in h.ai.chat_requests)
+
+    update = h.tg.send_text(16, "/personalize")
+    menu = await h.reply_to(update, lambda m: m.reply_markup is not None and "Captain" in (m.text or ""))
+    h.tg.press_button(16, menu.message_id, "instr:clear")
+    await h.tg.wait_for(lambda c: c.method == "answerCallbackQuery" and "cleared" in str(c.params.get("text")))
+    await h.reply_to(h.tg.send_text(16, "again"), lambda m: (m.text or "").startswith("Answer #2"))
+    assert "Captain" not in (h.ai.last_system_prompt() or "")
+
+
+async def test_session_list_pages_and_opens_a_summary(h: Harness) -> None:
+    h.ai.reply = lambda body: (
+        "Title: Topic\\nSummary: We discussed topic number X.\\nFacts:\\n- likes topics"
+        if body["model"] == "gpt-4o-mini" else "ok"
+    )
+    for i in range(6):
+        await h.reply_to(h.tg.send_text(17, f"/start_session Topic {i}"), lambda m: f"Topic {i}" in (m.text or ""))
+        await h.reply_to(h.tg.send_text(17, f"talk {i}"), lambda m: m.text == "ok")
+    listing = await h.reply_to(h.tg.send_text(17, "/list_sessions"), lambda m: "page 1 of 2" in (m.text or ""))
+    buttons = [b["callback_data"] for row in listing.reply_markup["inline_keyboard"] for b in row]
+    assert "sp:1" in buttons and "Topic 5" in (listing.text or "") and "Topic 0" not in (listing.text or "")
+    h.tg.press_button(17, listing.message_id, "sp:1")
+    page2 = await h.tg.wait_for_message(17, lambda m: m.message_id == listing.message_id and "page 2 of 2" in (m.text or ""))
+    opener = next(b for row in page2.reply_markup["inline_keyboard"] for b in row if b["callback_data"].startswith("so:"))
+    h.tg.press_button(17, listing.message_id, opener["callback_data"])
+    summary = await h.tg.wait_for_message(17, lambda m: m.message_id == listing.message_id and "We discussed" in (m.text or ""))
+    assert "Topic 0" in (summary.text or "")
