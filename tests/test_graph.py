@@ -118,9 +118,9 @@ async def test_concurrent_messages_never_pass_the_limit(
     fake_openai.hold()  # all requests in flight at once
     # One user in twelve chats: nothing serialises them but the budget itself.
     turns = [asyncio.create_task(say(agent, 6, f"question {i}", chat_id=-100 - i)) for i in range(12)]
-    await asyncio.sleep(0.5)
+    await fake_openai.wait_for_requests(1, timeout=10)  # reservations are being held now
     used, reserved = await ledger(sessions, 6)
-    assert used + reserved <= 3000
+    assert reserved > 0 and used + reserved <= 3000
     fake_openai.release()
     outcomes = [final(events) for events in await asyncio.gather(*turns)]
     answered = [o for o in outcomes if isinstance(o, Answer)]
