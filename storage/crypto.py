@@ -11,6 +11,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 log = logging.getLogger(__name__)
 
 KEY_FILE_NAME = "encryption.key"
+WRONG_KEY = "stored data does not decrypt with any key in ENCRYPTION_KEY"
 
 
 class DecryptionError(Exception):
@@ -33,12 +34,7 @@ class Cipher:
         return self._multi.encrypt(text.encode("utf-8"))
 
     def decrypt(self, token: bytes) -> str:
-        try:
-            return self._multi.decrypt(token).decode("utf-8")
-        except InvalidToken:
-            raise DecryptionError(
-                "stored data does not decrypt with any key in ENCRYPTION_KEY"
-            ) from None
+        return self.decrypt_bytes(token).decode("utf-8")
 
     def encrypt_bytes(self, data: bytes) -> bytes:
         return self._multi.encrypt(data)
@@ -47,18 +43,14 @@ class Cipher:
         try:
             return self._multi.decrypt(token)
         except InvalidToken:
-            raise DecryptionError(
-                "stored data does not decrypt with any key in ENCRYPTION_KEY"
-            ) from None
+            raise DecryptionError(WRONG_KEY) from None
 
     def rotate(self, token: bytes) -> bytes:
         """Re-encrypt under the newest key (MultiFernet.rotate keeps the original timestamp)."""
         try:
             return self._multi.rotate(token)
         except InvalidToken:
-            raise DecryptionError(
-                "stored data does not decrypt with any key in ENCRYPTION_KEY"
-            ) from None
+            raise DecryptionError(WRONG_KEY) from None
 
     def is_newest(self, token: bytes) -> bool:
         try:
