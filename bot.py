@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,8 @@ def configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aiogram prints an update of an unknown type whole, and it may hold a user's text.
+    warnings.filterwarnings("ignore", message="Detected unknown update type")
     # Request-level DEBUG logs of these libraries carry URLs with the bot token and bodies.
     for noisy in ("httpx", "httpx2", "openai", "aiohttp.access", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import unicodedata
 
@@ -46,10 +47,11 @@ def addressed_text(message: Message, bot_username: str | None, bot_id: int) -> s
     replied = message.reply_to_message
     if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
         return text
-    mention = f"@{bot_username}".lower() if bot_username else None
-    if mention and mention in text.lower():
-        start = text.lower().index(mention)
-        return (text[:start] + text[start + len(mention):]).strip()
+    if bot_username:
+        # Search the original text: lower() may change its length ("İ" becomes two characters).
+        found = re.search(rf"@{re.escape(bot_username)}\b", text, flags=re.IGNORECASE)
+        if found:
+            return (text[:found.start()] + text[found.end():]).strip()
     return None
 
 

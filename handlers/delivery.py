@@ -24,6 +24,7 @@ from aiogram.exceptions import (
     TelegramUnauthorizedError,
 )
 from aiogram.types import Update
+from aiogram.types.update import UpdateTypeLookupError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ops.monitoring import tag_context
@@ -35,9 +36,16 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
 
 
+def _event(update: Update) -> object | None:
+    try:
+        return update.event
+    except UpdateTypeLookupError:
+        return None  # a type newer than this aiogram: stored, then skipped by the dispatcher
+
+
 def chat_key(update: Update) -> int:
     """The chat whose order this update belongs to (the user, when there is no chat)."""
-    event = update.event
+    event = _event(update)
     chat = getattr(event, "chat", None)
     if chat is None and getattr(event, "message", None) is not None:
         chat = getattr(event.message, "chat", None)
@@ -48,7 +56,7 @@ def chat_key(update: Update) -> int:
 
 
 def user_of(update: Update) -> int | None:
-    user = getattr(update.event, "from_user", None)
+    user = getattr(_event(update), "from_user", None)
     return int(user.id) if user is not None else None
 
 

@@ -16,6 +16,9 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Telegram itself: the sender of channel posts automatically forwarded to a linked group.
+TELEGRAM_SERVICE_ID = 777000
+
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
 
 
@@ -34,8 +37,13 @@ class UpdateMiddleware(BaseMiddleware):
         user: User | None = data.get("event_from_user")
         lang = user.language_code if user else None
         data["lang"] = lang
-        if user is not None and user.is_bot:
-            return None  # other bots (and channels' automatic posts) are never answered
+        if user is not None and (user.is_bot or user.id == TELEGRAM_SERVICE_ID):
+            return None  # other bots, and channel posts Telegram forwards into groups
+        message = event.message
+        if message is not None and (message.is_automatic_forward or message.sender_chat is not None):
+            return None  # written on behalf of a channel or a group, not by a person
+        if user is None and event.message is not None:
+            return None  # no sender (Telegram omits it only in channels): nobody to answer or charge
         if user is not None and not self._allowed(user.id):
             await self._refuse(event, lang, user.id)
             return None

@@ -19,6 +19,9 @@ from storage.repositories import Messages
 
 PAGE_SIZE = 5
 MAX_TITLE = 120
+# Callback data can be forged: numbers outside these bounds are stale buttons, not queries.
+MAX_PAGE = 100_000
+MAX_ID = 2**62
 
 
 class SessionsPage(CallbackData, prefix="sp"):
@@ -86,6 +89,9 @@ async def list_sessions(message: Message, agent: Agent, catalog: Catalog, lang: 
 async def turn_page(
     query: CallbackQuery, callback_data: SessionsPage, agent: Agent, catalog: Catalog, lang: str | None
 ) -> None:
+    if not 0 <= callback_data.page <= MAX_PAGE:
+        await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+        return
     text, markup = await sessions_page(query.from_user.id, callback_data.page, agent, catalog, lang)
     await query.answer()
     if isinstance(query.message, Message):
@@ -96,7 +102,8 @@ async def open_session(
     query: CallbackQuery, callback_data: SessionOpen, agent: Agent, catalog: Catalog,
     lang: str | None, db: AsyncSession,
 ) -> None:
-    session = await agent.get_session(query.from_user.id, callback_data.id)
+    in_range = 0 < callback_data.id <= MAX_ID and 0 <= callback_data.page <= MAX_PAGE
+    session = await agent.get_session(query.from_user.id, callback_data.id) if in_range else None
     if session is None:  # deleted, or someone else's id in forged callback data
         await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
         return
