@@ -58,6 +58,7 @@ class AnswerStream:
         self._shown = ""
         self._changed = asyncio.Event()
         self._closed = False
+        self._finished = asyncio.Event()
         self._painter: asyncio.Task[None] | None = None
 
     def add(self, delta: str) -> None:
@@ -126,6 +127,7 @@ class AnswerStream:
 
     async def _stop_painter(self) -> None:
         self._closed = True
+        self._finished.set()
         self._changed.set()
         if self._painter is not None:
             try:
@@ -152,9 +154,9 @@ class AnswerStream:
             interval = DRAFT_INTERVAL if self.use_drafts else EDIT_INTERVAL
             delay = self.pacer.wait_time(self.chat_id, interval)
             if delay:
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 if self._closed:
-                    return
+                    return  # the answer is complete: the final message replaces any preview
             preview = self._preview()
             if preview == self._shown:
                 continue
@@ -172,6 +174,13 @@ class AnswerStream:
                     log.info("preview edit refused: %s", type(exc).__name__)
             self._shown = preview
             self.pacer.mark(self.chat_id)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait for the pacing interval, but not a moment longer once the answer is complete."""
+        try:
+            await asyncio.wait_for(self._finished.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _preview(self) -> str:
         tail = self._text[-PREVIEW_LIMIT:]
