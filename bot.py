@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from settings import ConfigError, Settings, load_settings
+# numpy's BLAS threads spin against the event loop on a small machine: one thread scores
+# a 10,000-memory matrix ~4x faster here under load (bench/retrieval.py). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from settings import ConfigError, Settings, load_settings  # noqa: E402
 
 if TYPE_CHECKING:
     from graph.agent import Agent

@@ -171,7 +171,6 @@ class Agent:
                     final = data
         except IntegrityError:
             # The user deleted their data while this turn ran: nothing is written back.
-            trace.outcome = "deleted"
             yield Failure("deleted")
             return
         except asyncio.CancelledError:
@@ -179,14 +178,16 @@ class Agent:
             # reservation is released, or charged when the model may already have spent tokens.
             trace.outcome = "cancelled"
             await asyncio.shield(self._settle_abandoned(context))
+            await self._save_trace(trace)
             raise
         except Exception as exc:
             trace.outcome = "crashed"
             trace.error = trace.error or type(exc).__name__
-            raise
-        finally:
             await self._save_trace(trace)
+            raise
+        # The answer goes out first; its trace is written while the user already reads it.
         yield self._final_event(final)
+        await self._save_trace(trace)
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None

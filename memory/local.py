@@ -97,8 +97,8 @@ class LocalMemory:
 
     async def _load(self, user_id: int) -> _UserIndex:
         async with self._sessions() as db:
-            records = await Memories(db).for_user(user_id)
-        rows = [(r.id, np.frombuffer(r.embedding, dtype=np.float32)) for r in records if r.embedding]
+            stored = await Memories(db).vectors_for(user_id)
+        rows = [(memory_id, np.frombuffer(vector, dtype=np.float32)) for memory_id, vector in stored]
         if not rows:
             return _UserIndex([], np.zeros((0, 0), dtype=np.float32))
         dims = rows[-1][1].shape[0]

@@ -358,10 +358,19 @@ class Memories:
     async def by_ids(self, user_id: int, ids: Sequence[str]) -> list[MemoryRecord]:
         if not ids:
             return []
-        stmt = select(MemoryRecord).where(
-            MemoryRecord.user_id == user_id, MemoryRecord.id.in_(list(ids))
+        # By primary key alone: with user_id in the WHERE, SQLite walks the user index and
+        # reads every one of the user's rows. The user is checked on the rows found instead.
+        stmt = select(MemoryRecord).where(MemoryRecord.id.in_(list(ids)))
+        return [r for r in (await self.db.execute(stmt)).scalars() if r.user_id == user_id]
+
+    async def vectors_for(self, user_id: int) -> list[tuple[str, bytes]]:
+        """(id, embedding) of every memory of the user: what a search index needs, nothing more."""
+        stmt = (
+            select(MemoryRecord.id, MemoryRecord.embedding)
+            .where(MemoryRecord.user_id == user_id, MemoryRecord.embedding.is_not(None))
+            .order_by(MemoryRecord.created_at)
         )
-        return list((await self.db.execute(stmt)).scalars())
+        return [(row.id, row.embedding) for row in await self.db.execute(stmt)]
 
     async def count(self, user_id: int) -> int:
         return int(await self.db.scalar(
