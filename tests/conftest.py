@@ -8,7 +8,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.fernet import Fernet
@@ -203,3 +203,17 @@ def agent_factory(
 @pytest.fixture
 def agent(agent_factory: Callable[..., "Agent"]) -> "Agent":
     return agent_factory()
+
+
+@pytest.fixture
+def start_bot(
+    tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
+    fake_openai: "FakeOpenAI",
+) -> Callable[..., Any]:
+    """The whole bot on the fakes, with settings overridden: `async with start_bot(**kw) as h:`."""
+    from tests.harness import running_bot
+
+    def start(**overrides: object) -> Any:
+        return running_bot(tmp_path, db_url, sessions, prompts_dir, fake_openai, **overrides)
+
+    return start

@@ -7,28 +7,14 @@ import datetime as dt
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import InboxUpdate, Message, Reservation, UsageDay, utcnow
 from storage.repositories import Budget, Inbox, Messages, Sessions, Users
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import running_bot
-
-
-@pytest.fixture
-def start_bot(
-    tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
-    fake_openai: FakeOpenAI,
-) -> Callable[..., Any]:
-    def start(**overrides: object) -> Any:
-        return running_bot(tmp_path, db_url, sessions, prompts_dir, fake_openai, **overrides)
-
-    return start
 
 
 def text_update(update_id: int, user_id: int, text: str, message_id: int = 1) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import InboxUpdate, Message, UsageDay
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import TOKEN, Harness, running_bot
+from tests.harness import TOKEN, Harness
 
 Raw = dict[str, Any]
 
@@ -430,17 +429,6 @@ def errors() -> Iterator[ErrorLog]:
         yield handler
     finally:
         logging.getLogger().removeHandler(handler)
-
-
-@pytest.fixture
-def start_bot(
-    tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
-    fake_openai: FakeOpenAI,
-) -> Callable[..., Any]:
-    def start(**overrides: object) -> Any:
-        return running_bot(tmp_path, db_url, sessions, prompts_dir, fake_openai, **overrides)
-
-    return start
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,21 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import ChatSession, Message
-from tests.fakes.openai import FakeOpenAI
-from tests.harness import Harness, running_bot
+from tests.harness import Harness
 
 BOT_USERNAME = "desktop_test_bot"
-
-
-@pytest.fixture
-def start_bot(
-    tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
-    fake_openai: FakeOpenAI,
-) -> Callable[..., Any]:
-    def start(**overrides: object) -> Any:
-        return running_bot(tmp_path, db_url, sessions, prompts_dir, fake_openai, **overrides)
-
-    return start
 
 
 @pytest.fixture
