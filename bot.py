@@ -116,7 +116,11 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
             settings=settings, sessions=sessions, roles=roles, memory=memory, models=models,
         )
         try:
-            yield Agent(services)
+            agent = Agent(services)
+            try:
+                yield agent
+            finally:
+                await agent.aclose()
         finally:
             close = getattr(memory, "close", None)
             if close is not None:

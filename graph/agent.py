@@ -17,10 +17,10 @@ from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
 from graph.roles import Role
 from graph.tokens import count_tokens
-from graph.tracing import RunTrace
+from graph.tracing import RunTrace, TraceLog
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, Message, User
-from storage.repositories import Budget, Messages, Sessions, Traces, Users
+from storage.repositories import Budget, Messages, Sessions, Users
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,46 @@ class Profile:
     role: Role
 
 
+class DeltaFeed:
+    """The model's deltas, handed to the front end in batches.
+
+    The graph runs in its own task and pushes every delta here; the front end takes all that
+    arrived since it last looked in one piece, so a fast stream costs a few wake-ups, not one
+    per token, and a slow one still shows each token as it comes.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._wake: asyncio.Future[None] | None = None
+
+    def push(self, text: str) -> None:
+        self._parts.append(text)
+        self._signal()
+
+    def _signal(self, *_: object) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def until_done(self, run: asyncio.Task[Any]) -> AsyncIterator[str]:
+        run.add_done_callback(self._signal)
+        while True:
+            if self._parts:
+                text = "".join(self._parts)
+                self._parts.clear()
+                yield text
+            elif run.done():
+                return
+            else:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+
+
+async def _stop(run: asyncio.Task[Any]) -> None:
+    if not run.done():
+        run.cancel()
+        await asyncio.wait([run])
+
+
 class Agent:
     """One instance per process; the compiled graphs are shared by every run."""
 
@@ -90,8 +130,14 @@ class Agent:
         self.services = services
         self.turn_graph: CompiledStateGraph = build_turn_graph().compile()
         self.summary_graph: CompiledStateGraph = build_summary_graph().compile()
+        self.traces = TraceLog(services.sessions)
         # Messages of one chat are answered in arrival order; other chats do not wait.
         self._chat_locks: dict[int, asyncio.Lock] = {}
+
+    async def aclose(self) -> None:
+        """At shutdown: the last traces are written, the provider's connections closed."""
+        await self.traces.aclose()
+        await self.services.models.aclose()
 
     # --- users and roles ---------------------------------------------------------------
 
@@ -160,15 +206,14 @@ class Agent:
             question_id=question_id, role=role,
             instructions=user.instructions, trace=trace,
         )
-        final: dict[str, Any] = {}
+        feed = DeltaFeed()
+        context.on_delta = feed.push
+        run = asyncio.create_task(self.turn_graph.ainvoke({"text": text}, context=context))
         try:
-            async for mode, data in self.turn_graph.astream(
-                {"text": text}, context=context, stream_mode=["custom", "values"]
-            ):
-                if mode == "custom":
-                    yield Delta(data["delta"])
-                else:
-                    final = data
+            async for delta in feed.until_done(run):
+                yield Delta(delta)
+            final: dict[str, Any] = run.result()
+            trace.end()
         except IntegrityError:
             # The user deleted their data while this turn ran: nothing is written back.
             yield Failure("deleted")
@@ -176,18 +221,21 @@ class Agent:
         except asyncio.CancelledError:
             # Shutdown: the question stays pending and is answered after the restart; the
             # reservation is released, or charged when the model may already have spent tokens.
+            await _stop(run)
             trace.outcome = "cancelled"
             await asyncio.shield(self._settle_abandoned(context))
-            await self._save_trace(trace)
+            self._save_trace(trace)
             raise
         except Exception as exc:
             trace.outcome = "crashed"
             trace.error = trace.error or type(exc).__name__
-            await self._save_trace(trace)
+            self._save_trace(trace)
             raise
+        finally:
+            await _stop(run)  # the front end stopped listening early: the run goes with it
         # The answer goes out first; its trace is written while the user already reads it.
         yield self._final_event(final)
-        await self._save_trace(trace)
+        self._save_trace(trace)
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
@@ -199,24 +247,23 @@ class Agent:
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
             sessions = Sessions(db)
-            if update_id is not None:
-                earlier = await Messages(db).by_update_id(update_id)
-                if earlier is not None:
-                    return await self._resumable(db, earlier, user)
             session = await sessions.open_for(user_id, chat_id)
             started = session is None
             if session is None:
                 session = await sessions.open(user_id, chat_id, self.role_for(user.role).id, None)
-            question = await Messages(db).add_user_message(
+            question_id = await Messages(db).add_user_message(
                 session_id=session.id, user_id=user_id, chat_id=chat_id, text=text,
                 update_id=update_id, tokens=count_tokens(text, self.services.settings.chat_model),
             )
-            if question is None:  # the same update, stored by a concurrent delivery just now
-                await db.rollback()
-                return None
+            if question_id is None:  # the update was stored before: a redelivery, or a crash
+                await db.rollback()  # (a session opened just now is not kept)
+                await db.refresh(user)  # the rollback expired it
+                assert update_id is not None
+                earlier = await Messages(db).by_update_id(update_id)
+                return None if earlier is None else await self._resumable(db, earlier, user)
             await sessions.touch(session.id)
             await db.commit()
-            return session, question.id, user, started, False
+            return session, question_id, user, started, False
 
     @staticmethod
     async def _resumable(
@@ -252,15 +299,9 @@ class Agent:
             return Answer(result.text, complete, final.get("charged", 0))
         return Failure(result.fault if result is not None and result.fault else "error")
 
-    async def _save_trace(self, trace: RunTrace) -> None:
-        try:
-            async with self.services.sessions() as db:
-                if await db.get(User, trace.user_id) is None:
-                    return  # the user was deleted meanwhile: their trace is not re-created
-                Traces(db).add(trace.to_row())
-                await db.commit()
-        except Exception as exc:  # noqa: BLE001 - a lost trace must never cost the user an answer
-            log.warning("trace not saved: %s", type(exc).__name__)
+    def _save_trace(self, trace: RunTrace) -> None:
+        trace.end()
+        self.traces.add(trace)
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -291,7 +332,7 @@ class Agent:
         try:
             final = await self.summary_graph.ainvoke({}, context=context)
         finally:
-            await self._save_trace(trace)
+            self._save_trace(trace)
         return SessionEnd(session.id, final["outcome"], final.get("title"), final.get("summary"))
 
     async def list_sessions(
@@ -313,6 +354,7 @@ class Agent:
     # --- data rights ---------------------------------------------------------------------
 
     async def export_data(self, user_id: int) -> dict[str, Any]:
+        await self.traces.flush()  # the latest runs belong in the export too
         async with self.services.sessions() as db:
             document = await export_user(db, user_id)
         extra = await self.services.memory.export_user(user_id)
@@ -322,6 +364,7 @@ class Agent:
 
     async def delete_data(self, user_id: int) -> DeletionReceipt:
         memory = self.services.memory
+        self.traces.forget_user(user_id)
         remembered = await memory.delete_user(user_id)
         async with self.services.sessions() as db:
             receipt = await delete_user(db, user_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,6 +40,8 @@ class TurnContext:
     # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.
     reservation_id: str | None = None
     model_started: bool = False
+    # Where the model's deltas go as they arrive (the agent's DeltaFeed); None: nobody watches.
+    on_delta: Callable[[str], None] | None = None
 
 
 @dataclass

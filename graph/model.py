@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,7 +91,14 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 class ModelGateway:
-    """Owns every call to the provider; the SDK's own retries are off (max_retries=0)."""
+    """Owns every call to the provider; the SDK's own retries are off (max_retries=0).
+
+    Answers stream through the OpenAI client that langchain-openai's ChatOpenAI builds, read as
+    raw server-sent events: the chunks of a streamed answer then cost a json.loads each, not the
+    pydantic chunk models, message chunks and callback dispatch that `astream` adds to every
+    token (about a third of the bot's CPU per message, bench/experiments.py). Summaries, which
+    are not streamed, go through ChatOpenAI itself.
+    """
 
     def __init__(
         self, *, api_key: str, base_url: str | None, embedding_model: str, timeout: float,
@@ -101,10 +109,13 @@ class ModelGateway:
         self._timeout = timeout
         self._max_attempts = max_attempts
         self._retry_base_delay = retry_base_delay
+        # One connection pool for every model, owned here so it is closed on this event loop
+        # (langchain-openai would otherwise share one per base URL across the whole process).
+        self._http = openai.DefaultAsyncHttpxClient()
         self._chat_models: dict[tuple[str, float], ChatOpenAI] = {}
         self._embeddings = OpenAIEmbeddings(
             model=embedding_model, api_key=api_key, base_url=base_url, max_retries=0,
-            timeout=timeout, check_embedding_ctx_length=False,
+            timeout=timeout, check_embedding_ctx_length=False, http_async_client=self._http,
         )
 
     def chat_model(self, model: str, temperature: float) -> ChatOpenAI:
@@ -114,58 +125,70 @@ class ModelGateway:
                 model=model, temperature=temperature, api_key=self._api_key,
                 base_url=self._base_url, max_retries=0, timeout=self._timeout,
                 # Without stream_usage a custom base_url streams no usage: budgets would read 0.
-                stream_usage=True, use_responses_api=False,
+                stream_usage=True, use_responses_api=False, http_async_client=self._http,
             )
         return self._chat_models[key]
 
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
     async def stream_chat(
         self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int,
-        on_delta: Callable[[str], Awaitable[None] | None] | None = None,
+        on_delta: Callable[[str], None] | None = None,
     ) -> ModelResult:
         """Stream an answer; retry only before the first token (a retry after it would repeat text)."""
+        completions = self.chat_model(model, temperature).async_client
+        request = {
+            "model": model, "messages": [_as_openai(m) for m in messages],
+            "temperature": temperature, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        attempt = 0
+        while True:
+            attempt += 1
+            answer = _StreamedAnswer(on_delta)
+            try:
+                async with completions.with_streaming_response.create(**request) as response:
+                    async for line in response.iter_lines():
+                        if answer.feed(line, response):
+                            break
+            except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
+                kind = classify(exc)
+                if answer.parts:
+                    return answer.result(attempt, kind, type(exc).__name__)
+                if kind in RETRYABLE and attempt < self._max_attempts:
+                    await asyncio.sleep(self._delay(attempt, exc))
+                    continue
+                log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempt)
+                return answer.result(attempt, kind, type(exc).__name__)
+            return answer.result(attempt)
+
+    async def complete(
+        self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int
+    ) -> ModelResult:
+        """A whole answer at once (summaries), through ChatOpenAI; the same retry policy."""
         llm = self.chat_model(model, temperature)
         attempt = 0
         while True:
             attempt += 1
-            parts: list[str] = []
-            usage: dict[str, Any] | None = None
-            truncated = False
             try:
-                async for chunk in llm.astream(messages, max_tokens=max_tokens):
-                    if chunk.content:
-                        text = chunk.content if isinstance(chunk.content, str) else str(chunk.content)
-                        parts.append(text)
-                        if on_delta is not None:
-                            maybe = on_delta(text)
-                            if maybe is not None:
-                                await maybe
-                    if chunk.usage_metadata:
-                        usage = dict(chunk.usage_metadata)
-                    if chunk.response_metadata.get("finish_reason") == "length":
-                        truncated = True
+                reply = await llm.ainvoke(messages, max_tokens=max_tokens)
             except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
                 kind = classify(exc)
-                if parts:
-                    return ModelResult("".join(parts), None, None, kind, attempt, type(exc).__name__)
                 if kind in RETRYABLE and attempt < self._max_attempts:
                     await asyncio.sleep(self._delay(attempt, exc))
                     continue
                 log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempt)
                 return ModelResult("", None, None, kind, attempt, type(exc).__name__)
-            if usage is None:
-                return ModelResult("".join(parts), None, None, None, attempt, truncated=truncated)
+            text = reply.content if isinstance(reply.content, str) else str(reply.content)
+            usage = reply.usage_metadata
+            truncated = reply.response_metadata.get("finish_reason") == "length"
+            if not usage:
+                return ModelResult(text, None, None, None, attempt, truncated=truncated)
             return ModelResult(
-                "".join(parts), int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)),
-                None, attempt, truncated=truncated,
+                text, int(usage["input_tokens"]), int(usage["output_tokens"]), None, attempt,
+                truncated=truncated,
             )
-
-    async def complete(
-        self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int
-    ) -> ModelResult:
-        """A whole answer at once (summaries): the same retry policy as streaming."""
-        return await self.stream_chat(
-            messages, model=model, temperature=temperature, max_tokens=max_tokens
-        )
 
     async def embed(self, text: str) -> list[float]:
         attempt = 0
@@ -186,3 +209,55 @@ class ModelGateway:
             return hinted
         # Full jitter keeps many users who failed together from retrying together.
         return self._retry_base_delay * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+
+_OPENAI_ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+
+
+def _as_openai(message: BaseMessage) -> dict[str, str]:
+    """Our prompts hold system, user and assistant text only."""
+    content = message.content if isinstance(message.content, str) else str(message.content)
+    return {"role": _OPENAI_ROLES[message.type], "content": content}
+
+
+class _StreamedAnswer:
+    """What one streamed attempt produced, read from the server-sent event lines."""
+
+    def __init__(self, on_delta: Callable[[str], None] | None) -> None:
+        self.on_delta = on_delta
+        self.parts: list[str] = []
+        self.usage: dict[str, Any] | None = None
+        self.truncated = False
+
+    def feed(self, line: str, response: Any) -> bool:
+        """Take one line; True at the end of the stream."""
+        if not line.startswith("data:"):
+            return False  # blank separators, comments, event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True
+        chunk = json.loads(data)
+        if chunk.get("error"):  # a fault reported inside the stream, as the OpenAI SDK raises it
+            error = chunk["error"]
+            message = error.get("message", "error in stream") if isinstance(error, dict) else str(error)
+            raise openai.APIError(message, response.http_request, body=error)
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                self.parts.append(text)
+                if self.on_delta is not None:
+                    self.on_delta(text)
+            if choice.get("finish_reason") == "length":
+                self.truncated = True
+        return False
+
+    def result(self, attempt: int, fault: FaultKind | None = None, error: str | None = None) -> ModelResult:
+        text = "".join(self.parts)
+        if fault is not None or self.usage is None:
+            return ModelResult(text, None, None, fault, attempt, error, truncated=self.truncated)
+        return ModelResult(
+            text, int(self.usage.get("prompt_tokens", 0)), int(self.usage.get("completion_tokens", 0)),
+            None, attempt, truncated=self.truncated,
+        )

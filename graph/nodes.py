@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from graph.context import SummaryContext, TurnContext
 from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
-from graph.tokens import count_messages, count_tokens
+from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
 from memory.base import MemoryHit, MemoryItem
 from storage.models import Message
 from storage.repositories import Budget, Messages, OverBudget, Sessions
@@ -50,20 +50,16 @@ async def apply_persona(state: TurnState, runtime: Runtime[TurnContext]) -> dict
     ctx = runtime.context
     settings = ctx.services.settings
     model = ctx.role.model or settings.chat_model
-    system = SystemMessage(persona_prompt(ctx.role.system_prompt, ctx.instructions, state.get("memories", [])))
-    question = HumanMessage(state["text"])
+    system_prompt = persona_prompt(ctx.role.system_prompt, ctx.instructions, state.get("memories", []))
     async with ctx.services.sessions() as db:
         rows = await Messages(db).history(
             ctx.session_id, settings.history_messages, before_id=ctx.question_id
         )
-    history: list[BaseMessage] = [
-        HumanMessage(r.text) if r.role == "user" else AIMessage(r.text) for r in rows
-    ]
-    fixed = count_messages([system, question], model)
+    fixed = count_prompt(system_prompt, state["text"], model)
     room = settings.context_window - ctx.role.max_output_tokens - fixed
-    kept = _fit_history(history, room, model)
-    prompt = [system, *kept, question]
-    return {"prompt": prompt, "prompt_tokens": fixed + count_messages(kept, model)}
+    kept, history_tokens = _fit_history(rows, room, model)
+    prompt = [SystemMessage(system_prompt), *kept, HumanMessage(state["text"])]
+    return {"prompt": prompt, "prompt_tokens": fixed + history_tokens}
 
 
 def persona_prompt(role_prompt: str, instructions: str | None, memories: list[MemoryHit]) -> str:
@@ -90,20 +86,30 @@ def _memory_line(index: int, hit: MemoryHit) -> str:
     return f"[{index}] {date}, role {hit.role or '-'}:\n{text.strip()}"
 
 
-def _fit_history(history: list[BaseMessage], room: int, model: str) -> list[BaseMessage]:
-    """Keep the newest messages that fit; whole exchanges are dropped from the oldest end."""
-    kept: list[BaseMessage] = []
+def _fit_history(rows: list[Message], room: int, model: str) -> tuple[list[BaseMessage], int]:
+    """The newest messages that fit, and their tokens; whole exchanges go from the oldest end.
+
+    Each message's size was counted when it was stored (the question's own tokens, the answer's
+    usage), so a long history is not tokenised again on every turn.
+    """
+    kept: list[Message] = []
+    costs: list[int] = []
     used = 0
-    for message in reversed(history):
-        cost = count_tokens(str(message.content), model) + 4
+    for row in reversed(rows):
+        stored = row.prompt_tokens if row.role == "user" else row.completion_tokens
+        cost = (stored or count_tokens(row.text, model)) + TOKENS_PER_MESSAGE + 1  # + the role
         if used + cost > room:
             break
-        kept.append(message)
+        kept.append(row)
+        costs.append(cost)
         used += cost
-    kept.reverse()
-    while kept and not isinstance(kept[0], HumanMessage):
-        kept.pop(0)  # never start the history with an orphaned answer
-    return kept
+    while kept and kept[-1].role != "user":
+        used -= costs.pop()
+        kept.pop()  # never start the history with an orphaned answer
+    messages: list[BaseMessage] = [
+        HumanMessage(r.text) if r.role == "user" else AIMessage(r.text) for r in reversed(kept)
+    ]
+    return messages, used
 
 
 async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
@@ -112,19 +118,19 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
     limit = settings.daily_token_limit
     async with ctx.services.sessions() as db:
         budget = Budget(db)
-        remaining = await budget.remaining(ctx.user_id, limit)
+        remaining, day_exists = await budget.left_today(ctx.user_id, limit)
         # The answer may use what is left, up to the role's cap: the reservation is then an
         # upper bound on what the call can cost, so the limit holds whatever the model does.
+        # `remaining` only sizes the request; admission is the atomic UPDATE in reserve().
         max_tokens = min(ctx.role.max_output_tokens, remaining - state["prompt_tokens"])
         if max_tokens < min(MIN_OUTPUT_TOKENS, ctx.role.max_output_tokens):
-            outcome: Any = await budget.reserve(
-                ctx.user_id, limit + 1, limit, ttl_seconds=settings.reservation_ttl_seconds
-            )
+            amount = limit + 1  # cannot be admitted: the refusal reports the ledger as it is
         else:
-            outcome = await budget.reserve(
-                ctx.user_id, state["prompt_tokens"] + max_tokens, limit,
-                ttl_seconds=settings.reservation_ttl_seconds,
-            )
+            amount = state["prompt_tokens"] + max_tokens
+        outcome: Any = await budget.reserve(
+            ctx.user_id, amount, limit, ttl_seconds=settings.reservation_ttl_seconds,
+            day_exists=day_exists,
+        )
         if isinstance(outcome, OverBudget):
             await Messages(db).set_status(ctx.question_id, "refused")
             await db.commit()
@@ -151,7 +157,7 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
     result = await ctx.services.models.stream_chat(
         state["prompt"], model=model, temperature=ctx.role.temperature,
         max_tokens=state["max_tokens"],
-        on_delta=lambda text: runtime.stream_writer({"delta": text}),
+        on_delta=ctx.on_delta,
     )
     return {"result": result}
 
@@ -178,18 +184,16 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     try:
         async with ctx.services.sessions() as db:
             messages = Messages(db)
-            question = await db.get(Message, ctx.question_id)
-            if question is None:  # deleted together with the user while the model answered
-                raise IntegrityError("question deleted", None, Exception("deleted"))
             if result.text:
                 await messages.add_answer(
-                    question=question, text=result.text,
+                    question_id=ctx.question_id, session_id=ctx.session_id, user_id=ctx.user_id,
+                    chat_id=ctx.chat_id, text=result.text,
                     status="complete" if outcome == "answered" else "partial",
                     prompt_tokens=result.input_tokens or state["prompt_tokens"],
                     completion_tokens=result.output_tokens or 0,
                 )
-            else:
-                await messages.set_status(ctx.question_id, "failed")
+            elif not await messages.set_status(ctx.question_id, "failed"):
+                raise IntegrityError("question deleted", None, Exception("deleted"))
             await Budget(db).settle(reservation.id, charged)
             await Sessions(db).touch(ctx.session_id)
             await db.commit()

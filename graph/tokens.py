@@ -175,3 +175,16 @@ def count_messages(
             message = convert_to_openai_messages(message)
         total += _count_message(message, encoding)
     return total
+
+
+@lru_cache(maxsize=512)
+def _count_repeated(text: str, model: str) -> int:
+    return count_tokens(text, model)
+
+
+def count_prompt(system: str, question: str, model: str) -> int:
+    """count_messages of [system, user question], with the system prompt counted once per text:
+    it is the same role, preferences and memories turn after turn."""
+    overhead = TOKENS_REPLY_PRIMING + 2 * TOKENS_PER_MESSAGE
+    roles = _count_repeated("system", model) + _count_repeated("user", model)
+    return overhead + roles + _count_repeated(system, model) + count_tokens(question, model)

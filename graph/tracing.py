@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -10,8 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sentry_sdk
+from sqlalchemy import insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.models import Trace, utcnow
+from storage.models import Trace, User, utcnow
+
+log = logging.getLogger(__name__)
 
 StateT = TypeVar("StateT")
 
@@ -30,19 +37,98 @@ class RunTrace:
     output_tokens: int = 0
     outcome: str = "unknown"
     error: str | None = None
+    ended: float | None = None  # set when the run is over; later work is not the run's time
 
     def note(self, **fields: Any) -> None:
         """Attach a fact to the node currently running (e.g. memory degraded)."""
         if self.nodes:
             self.nodes[-1].update(fields)
 
-    def to_row(self) -> Trace:
-        return Trace(
-            id=self.id, user_id=self.user_id, session_id=self.session_id, kind=self.kind,
-            started_at=self.started_at, duration_ms=(time.perf_counter() - self.started) * 1000,
-            outcome=self.outcome, model=self.model, input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens, error=self.error, nodes=self.nodes,
-        )
+    def end(self) -> None:
+        if self.ended is None:
+            self.ended = time.perf_counter()
+
+    def to_row(self) -> dict[str, Any]:
+        ended = self.ended if self.ended is not None else time.perf_counter()
+        return {
+            "id": self.id, "user_id": self.user_id, "session_id": self.session_id,
+            "kind": self.kind, "started_at": self.started_at,
+            "duration_ms": (ended - self.started) * 1000, "outcome": self.outcome,
+            "model": self.model, "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens, "error": self.error, "nodes": self.nodes,
+        }
+
+
+class TraceLog:
+    """Writes finished traces in batches, off the message path: one insert for many runs.
+
+    A trace waits at most `delay` seconds; a crash loses at most that much diagnostics, never
+    anything a user stored. Traces of a user deleted meanwhile are dropped, not re-created.
+    """
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], *, delay: float = 0.5,
+        max_batch: int = 200,
+    ) -> None:
+        self.sessions = sessions
+        self.delay = delay
+        self.max_batch = max_batch
+        self._pending: list[dict[str, Any]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    def add(self, trace: RunTrace) -> None:
+        self._pending.append(trace.to_row())
+        if len(self._pending) >= self.max_batch:
+            self._flush_soon(0)
+        elif self._timer is None:
+            self._flush_soon(self.delay)
+
+    def forget_user(self, user_id: int) -> None:
+        self._pending = [row for row in self._pending if row["user_id"] != user_id]
+
+    async def flush(self) -> None:
+        self._cancel_timer()
+        if self._flushes:
+            await asyncio.wait(set(self._flushes))
+        batch, self._pending = self._pending, []
+        if batch:
+            await self._write(batch)
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+    def _flush_soon(self, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._start_flush)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._write(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        for attempt in (1, 2):  # a user deleted between the check and the insert: once more
+            try:
+                async with self.sessions() as db:
+                    users = {row["user_id"] for row in batch}
+                    alive = set((await db.scalars(select(User.id).where(User.id.in_(users)))).all())
+                    rows = [row for row in batch if row["user_id"] in alive]
+                    if rows:
+                        await db.execute(insert(Trace), rows)
+                        await db.commit()
+                return
+            except Exception as exc:  # noqa: BLE001 - a lost trace must never cost anyone an answer
+                if attempt == 2 or not isinstance(exc, SQLAlchemyError):
+                    log.warning("%d trace(s) not saved: %s", len(batch), type(exc).__name__)
 
 
 def traced(name: str, node: Callable[[StateT, Any], Awaitable[dict[str, Any]]]) -> Callable[

@@ -7,7 +7,8 @@ import re
 import time
 import unicodedata
 
-from aiogram import Bot, F, Router
+from aiogram import Bot, Router
+from aiogram.filters import Filter
 from aiogram.types import CallbackQuery, Message, Update
 from aiogram.utils.chat_action import ChatActionSender
 
@@ -160,10 +161,17 @@ async def stale_button(query: CallbackQuery, catalog: Catalog, lang: str | None)
     await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
 
 
+class HasText(Filter):
+    """F.text as a coroutine: aiogram runs a plain-function filter in a worker thread, per message."""
+
+    async def __call__(self, message: Message) -> bool:
+        return bool(message.text)
+
+
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
-    router.message(F.text)(chat)
+    router.message(HasText())(chat)
     router.message()(unsupported)
     router.callback_query()(stale_button)
     return router

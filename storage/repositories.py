@@ -48,7 +48,10 @@ class Users:
         return await self.db.get(User, user_id)
 
     async def ensure(self, user_id: int, language: str | None) -> User:
-        """The user's row, created race-free on first contact."""
+        """The user's row, created race-free on first contact (one SELECT once it exists)."""
+        user = await self.db.get(User, user_id)
+        if user is not None:
+            return user
         stmt = _insert(self.db, User).values(
             id=user_id, language=(language or "en")[:16], created_at=utcnow(), updated_at=utcnow()
         )
@@ -165,40 +168,43 @@ class Messages:
     async def add_user_message(
         self, *, session_id: int, user_id: int, chat_id: int, text: str,
         update_id: int | None, tokens: int,
-    ) -> Message | None:
-        """Store the user's message before anything else; None when the update was seen before."""
-        message = Message(
+    ) -> int | None:
+        """Store the user's message before anything else; its id, or None when the update was seen before.
+
+        ON CONFLICT on the unique update_id makes the check and the insert one statement.
+        """
+        stmt = _insert(self.db, Message).values(
             session_id=session_id, user_id=user_id, chat_id=chat_id, role="user", text=text,
-            status="pending", prompt_tokens=tokens, update_id=update_id,
+            status="pending", prompt_tokens=tokens, completion_tokens=0, update_id=update_id,
+            created_at=utcnow(),
         )
-        try:
-            async with self.db.begin_nested():
-                self.db.add(message)
-        except IntegrityError:
-            if update_id is not None and await self.by_update_id(update_id) is not None:
-                return None
-            raise
-        return message
+        if update_id is not None:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["update_id"])
+        return (await self.db.execute(stmt.returning(Message.id))).scalar_one_or_none()
 
     async def by_update_id(self, update_id: int) -> Message | None:
         stmt = select(Message).where(Message.update_id == update_id)
         return (await self.db.execute(stmt)).scalar_one_or_none()
 
     async def add_answer(
-        self, *, question: Message, text: str, status: str,
-        prompt_tokens: int, completion_tokens: int,
-    ) -> Message:
-        answer = Message(
-            session_id=question.session_id, user_id=question.user_id, chat_id=question.chat_id,
-            role="assistant", text=text, status=status, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, reply_to=question.id,
-        )
-        self.db.add(answer)
-        await self.set_status(question.id, "answered")
-        return answer
+        self, *, question_id: int, session_id: int, user_id: int, chat_id: int, text: str,
+        status: str, prompt_tokens: int, completion_tokens: int,
+    ) -> None:
+        """The answer, and the question marked answered. A question deleted meanwhile (with its
+        user) makes the insert fail on its foreign keys: IntegrityError, nothing written."""
+        await self.db.execute(_insert(self.db, Message).values(
+            session_id=session_id, user_id=user_id, chat_id=chat_id, role="assistant", text=text,
+            status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            reply_to=question_id, created_at=utcnow(),
+        ))
+        await self.set_status(question_id, "answered")
 
-    async def set_status(self, message_id: int, status: str) -> None:
-        await self.db.execute(update(Message).where(Message.id == message_id).values(status=status))
+    async def set_status(self, message_id: int, status: str) -> bool:
+        """False when the message is gone (deleted with its user)."""
+        done = await self.db.execute(
+            update(Message).where(Message.id == message_id).values(status=status)
+        )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
 
     async def history(self, session_id: int, limit: int, before_id: int | None = None) -> list[Message]:
         """The latest answered exchanges of a session, oldest first."""
@@ -251,15 +257,17 @@ class Budget:
 
     async def reserve(
         self, user_id: int, amount: int, limit: int, *, ttl_seconds: int,
-        now: dt.datetime | None = None,
+        now: dt.datetime | None = None, day_exists: bool = False,
     ) -> Reserved | OverBudget:
+        """Admit `amount` tokens or refuse; day_exists: the caller just saw today's row."""
         now = now or utcnow()
         day = utc_day(now)
-        await self.db.execute(
-            _insert(self.db, UsageDay)
-            .values(user_id=user_id, day=day, used=0, reserved=0)
-            .on_conflict_do_nothing(index_elements=["user_id", "day"])
-        )
+        if not day_exists:
+            await self.db.execute(
+                _insert(self.db, UsageDay)
+                .values(user_id=user_id, day=day, used=0, reserved=0)
+                .on_conflict_do_nothing(index_elements=["user_id", "day"])
+            )
         # One conditional UPDATE is the whole admission check: concurrent reservations
         # serialise on the row, and the WHERE is re-checked after the wait.
         admitted = await self.db.execute(
@@ -287,12 +295,20 @@ class Budget:
         return Reserved(reservation.id, amount, day)
 
     async def remaining(self, user_id: int, limit: int, now: dt.datetime | None = None) -> int:
+        return (await self.left_today(user_id, limit, now))[0]
+
+    async def left_today(
+        self, user_id: int, limit: int, now: dt.datetime | None = None
+    ) -> tuple[int, bool]:
+        """(tokens left today, whether today's row exists). A hint for sizing, not admission."""
         row = (await self.db.execute(
             select(UsageDay.used, UsageDay.reserved).where(
                 UsageDay.user_id == user_id, UsageDay.day == utc_day(now)
             )
         )).first()
-        return limit if row is None else max(0, limit - row.used - row.reserved)
+        if row is None:
+            return limit, False
+        return max(0, limit - row.used - row.reserved), True
 
     async def settle(self, reservation_id: str, actual: int | None) -> int | None:
         """Replace a reservation by the real usage (the full reservation when usage is unknown).

@@ -189,15 +189,20 @@ def make_agent(settings: "Settings", sessions: async_sessionmaker[AsyncSession])
 
 
 @pytest.fixture
-def agent_factory(
+async def agent_factory(
     tmp_path: Path, fake_openai: "FakeOpenAI", db_url: str, sessions: async_sessionmaker[AsyncSession],
     prompts_dir: Path,
-) -> Callable[..., "Agent"]:
+) -> AsyncIterator[Callable[..., "Agent"]]:
+    built: list["Agent"] = []
+
     def build(**overrides: object) -> "Agent":
         settings = make_settings(tmp_path, fake_openai.base_url, db_url, prompts_dir, **overrides)
-        return make_agent(settings, sessions)
+        built.append(make_agent(settings, sessions))
+        return built[-1]
 
-    return build
+    yield build
+    for agent in built:  # as at shutdown: traces written, connections closed on this loop
+        await agent.aclose()
 
 
 @pytest.fixture

@@ -64,3 +64,4 @@ async def running_bot(
             delivery.stop()
             await serving
             await bot.session.close()
+            await agent.aclose()

@@ -32,6 +32,7 @@ async def ledger(sessions: async_sessionmaker[AsyncSession], user_id: int) -> tu
 
 async def test_answer_streams_and_uses_the_chosen_role(agent: Agent, fake_openai: FakeOpenAI) -> None:
     fake_openai.reply = "Use a dict comprehension here, it is both faster and clearer."
+    fake_openai.chunk_delay = 0.01  # tokens that arrive apart are shown apart
     await agent.set_role(1, "coder")
     events = await say(agent, 1, "How do I invert a dict?")
     assert isinstance(events[0], SessionStarted) and events[0].automatic
@@ -45,6 +46,17 @@ async def test_answer_streams_and_uses_the_chosen_role(agent: Agent, fake_openai
     body = fake_openai.chat_requests[-1]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["messages"][-1] == {"role": "user", "content": "How do I invert a dict?"}
+
+
+async def test_a_burst_of_tokens_reaches_the_front_end_in_one_piece(
+    agent: Agent, fake_openai: FakeOpenAI
+) -> None:
+    """Deltas that arrive together are handed over together: one wake-up, not one per token."""
+    fake_openai.reply = " ".join(f"word{i}" for i in range(60))
+    events = await say(agent, 1, "Count for me")
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    assert "".join(deltas) == fake_openai.reply
+    assert len(deltas) < 20  # 60+ chunks from a model with no delay between them
 
 
 async def test_history_of_the_session_is_sent(agent: Agent, fake_openai: FakeOpenAI) -> None:
@@ -217,6 +229,7 @@ async def test_every_run_leaves_a_trace_without_text(
     agent: Agent, fake_openai: FakeOpenAI, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     await say(agent, 17, "canary-trace-text")
+    await agent.traces.flush()  # traces are written in batches, off the message path
     async with sessions() as db:
         trace = (await db.execute(select(Trace).where(Trace.user_id == 17))).scalar_one()
     assert trace.outcome == "answered" and trace.model == "gpt-4o"

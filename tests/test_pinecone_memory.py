@@ -262,6 +262,7 @@ async def test_a_failing_query_degrades_and_the_answer_still_arrives(
     answer = events[-1]
     assert isinstance(answer, Answer) and answer.complete and answer.text == "Here is an answer."
     assert "<memory>" not in (fake_openai.last_system_prompt() or "")
+    await pc_agent.traces.flush()
     async with sessions() as db:
         trace = (await db.execute(
             select(Trace).where(Trace.user_id == 40, Trace.kind == "turn")

@@ -31,8 +31,8 @@ async def _seed_conversation(sessions: async_sessionmaker[AsyncSession], user_id
         )
         assert question is not None
         await Messages(db).add_answer(
-            question=question, text=f"answer to {CANARY}", status="complete",
-            prompt_tokens=10, completion_tokens=4,
+            question_id=question, session_id=chat.id, user_id=user_id, chat_id=user_id,
+            text=f"answer to {CANARY}", status="complete", prompt_tokens=10, completion_tokens=4,
         )
         await db.commit()
         return chat.id

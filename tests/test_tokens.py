@@ -181,3 +181,13 @@ def test_build_script_expansion_and_declared_hashes(no_network: None) -> None:
         ((url, sha256),) = build.declared_blobs(name)
         assert sha256 == NOTE_SHA256[name]
         assert build.cache_name(url) == {"o200k_base": O200K_FILE, "cl100k_base": CL100K_FILE}[name]
+
+
+def test_count_prompt_is_count_messages_of_system_and_question(no_network: None) -> None:
+    from graph.tokens import count_prompt
+
+    system = "You are a careful coder.\n\n## The user's preferences\nShort answers, in Russian."
+    for model in ("gpt-4o", "gpt-4"):
+        for question in ("hi", "Привет! Как развернуть словарь? " * 20):
+            expected = count_messages([SystemMessage(system), HumanMessage(question)], model)
+            assert count_prompt(system, question, model) == expected
