@@ -149,9 +149,10 @@ class ModelGateway:
             answer = _StreamedAnswer(on_delta)
             try:
                 async with completions.with_streaming_response.create(**request) as response:
+                    # Read to the end, past [DONE]: a response left unread cannot give its
+                    # connection back to the pool, and every answer would open a new one.
                     async for line in response.iter_lines():
-                        if answer.feed(line, response):
-                            break
+                        answer.feed(line, response)
             except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
                 kind = classify(exc)
                 if answer.parts:
@@ -229,13 +230,13 @@ class _StreamedAnswer:
         self.usage: dict[str, Any] | None = None
         self.truncated = False
 
-    def feed(self, line: str, response: Any) -> bool:
-        """Take one line; True at the end of the stream."""
+    def feed(self, line: str, response: Any) -> None:
+        """Take one line of the event stream."""
         if not line.startswith("data:"):
-            return False  # blank separators, comments, event names
+            return  # blank separators, comments, event names
         data = line[5:].strip()
         if data == "[DONE]":
-            return True
+            return
         chunk = json.loads(data)
         if chunk.get("error"):  # a fault reported inside the stream, as the OpenAI SDK raises it
             error = chunk["error"]
@@ -251,7 +252,6 @@ class _StreamedAnswer:
                     self.on_delta(text)
             if choice.get("finish_reason") == "length":
                 self.truncated = True
-        return False
 
     def result(self, attempt: int, fault: FaultKind | None = None, error: str | None = None) -> ModelResult:
         text = "".join(self.parts)

@@ -59,6 +59,16 @@ async def test_a_burst_of_tokens_reaches_the_front_end_in_one_piece(
     assert len(deltas) < 20  # 60+ chunks from a model with no delay between them
 
 
+async def test_answers_reuse_one_connection_to_the_provider(
+    agent: Agent, fake_openai: FakeOpenAI
+) -> None:
+    """A stream read to its end hands its connection back: no TCP handshake per answer."""
+    for n in range(4):
+        await say(agent, 1, f"question {n}")
+    chats = [r for r in fake_openai.requests if r.path.endswith("/chat/completions")]
+    assert len(chats) == 4 and len({r.peer for r in chats}) == 1
+
+
 async def test_history_of_the_session_is_sent(agent: Agent, fake_openai: FakeOpenAI) -> None:
     await say(agent, 2, "My cat is called Ptolemy.")
     await say(agent, 2, "What is my cat called?")

@@ -42,6 +42,7 @@ class Request:
     json: Any
     headers: dict[str, str]
     at: float  # time.monotonic() at arrival
+    peer: Any = None  # the client's (host, port): one per TCP connection
 
 
 @dataclass
@@ -263,7 +264,8 @@ class FakeOpenAI:
         except json.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.",
                           "invalid_request_error", None)
-        record = Request(request.path, body, dict(request.headers), time.monotonic())
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        record = Request(request.path, body, dict(request.headers), time.monotonic(), peer)
         self.requests.append(record)
         async with self._arrived:
             self._arrived.notify_all()
