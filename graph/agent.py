@@ -42,6 +42,7 @@ class Answer:
     text: str
     complete: bool  # False: the stream was cut and this is what arrived
     charged: int
+    update_settled: bool = False  # the inbox row was marked done with the answer's commit
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Refusal:
 @dataclass(frozen=True)
 class Failure:
     kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted"]
+    update_settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,16 @@ class SessionEnd:
     outcome: str  # summarised | empty | failed | already_closed
     title: str | None
     summary: str | None
+
+
+@dataclass(frozen=True)
+class StoredQuestion:
+    session: ChatSession
+    question_id: int
+    user: User
+    history: list[Message]  # the session's latest answered exchanges before it, oldest first
+    started: bool = False  # the session was opened for this message
+    resumed: bool = False  # a crash left it unanswered; it is answered now
 
 
 @dataclass(frozen=True)
@@ -194,17 +206,17 @@ class Agent:
         if stored is None:
             yield Duplicate()
             return
-        session, question_id, user, started, resumed = stored
+        session = stored.session
         role = self.role_for(session.role)
-        if started:
+        if stored.started:
             yield SessionStarted(session.id, automatic=True, role=role)
-        if resumed:
+        if stored.resumed:
             yield Resumed()
         trace = RunTrace("turn", user_id, session.id)
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id, session_id=session.id,
-            question_id=question_id, role=role,
-            instructions=user.instructions, trace=trace,
+            question_id=stored.question_id, role=role, instructions=stored.user.instructions,
+            history=stored.history, trace=trace, update_id=update_id,
         )
         feed = DeltaFeed()
         context.on_delta = feed.push
@@ -239,10 +251,10 @@ class Agent:
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
-    ) -> tuple[ChatSession, int, User, bool, bool] | None:
+    ) -> StoredQuestion | None:
         """Durably store the message before the model is called; None for a redelivery.
 
-        Returns (session, question id, user, session just started, resumed after a crash).
+        The session's recent history is read in the same transaction: one round trip less.
         """
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
@@ -262,20 +274,25 @@ class Agent:
                 earlier = await Messages(db).by_update_id(update_id)
                 return None if earlier is None else await self._resumable(db, earlier, user)
             await sessions.touch(session.id)
+            history = await self._history(db, session.id, question_id)
             await db.commit()
-            return session, question_id, user, started, False
+            return StoredQuestion(session, question_id, user, history, started=started)
 
-    @staticmethod
     async def _resumable(
-        db: AsyncSession, earlier: Message, user: User
-    ) -> tuple[ChatSession, int, User, bool, bool] | None:
+        self, db: AsyncSession, earlier: Message, user: User
+    ) -> StoredQuestion | None:
         """A stored message still pending was cut off by a crash: answer it now. Else: a duplicate."""
         if earlier.status != "pending" or earlier.user_id != user.id:
             return None
         session = await db.get(ChatSession, earlier.session_id)
         if session is None:
             return None
-        return session, earlier.id, user, False, True
+        history = await self._history(db, session.id, earlier.id)
+        return StoredQuestion(session, earlier.id, user, history, resumed=True)
+
+    async def _history(self, db: AsyncSession, session_id: int, question_id: int) -> list[Message]:
+        limit = self.services.settings.history_messages
+        return await Messages(db).history(session_id, limit, before_id=question_id)
 
     async def _settle_abandoned(self, context: TurnContext) -> None:
         if context.reservation_id is None:
@@ -294,10 +311,11 @@ class Agent:
         if outcome == "deleted":
             return Failure("deleted")
         result = final.get("result")
+        settled = bool(final.get("update_settled"))
         if outcome in ("answered", "partial") and result is not None:
             complete = outcome == "answered" and not result.truncated
-            return Answer(result.text, complete, final.get("charged", 0))
-        return Failure(result.fault if result is not None and result.fault else "error")
+            return Answer(result.text, complete, final.get("charged", 0), settled)
+        return Failure(result.fault if result is not None and result.fault else "error", settled)
 
     def _save_trace(self, trace: RunTrace) -> None:
         trace.end()

@@ -16,7 +16,7 @@ from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
 from memory.base import MemoryHit, MemoryItem
 from storage.models import Message
-from storage.repositories import Budget, Messages, OverBudget, Sessions
+from storage.repositories import Budget, Inbox, Messages, OverBudget, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,9 @@ async def apply_persona(state: TurnState, runtime: Runtime[TurnContext]) -> dict
     settings = ctx.services.settings
     model = ctx.role.model or settings.chat_model
     system_prompt = persona_prompt(ctx.role.system_prompt, ctx.instructions, state.get("memories", []))
-    async with ctx.services.sessions() as db:
-        rows = await Messages(db).history(
-            ctx.session_id, settings.history_messages, before_id=ctx.question_id
-        )
     fixed = count_prompt(system_prompt, state["text"], model)
     room = settings.context_window - ctx.role.max_output_tokens - fixed
-    kept, history_tokens = _fit_history(rows, room, model)
+    kept, history_tokens = _fit_history(ctx.history, room, model)
     prompt = [SystemMessage(system_prompt), *kept, HumanMessage(state["text"])]
     return {"prompt": prompt, "prompt_tokens": fixed + history_tokens}
 
@@ -196,18 +192,22 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
                 raise IntegrityError("question deleted", None, Exception("deleted"))
             await Budget(db).settle(reservation.id, charged)
             await Sessions(db).touch(ctx.session_id)
+            if ctx.update_id is not None:  # done with the answer, in the same commit
+                await Inbox(db).mark_done(ctx.update_id)
             await db.commit()
         ctx.reservation_id = None
+        settled = ctx.update_id is not None
     except IntegrityError:
         # The user deleted their data while the model was answering: write nothing back.
         outcome = "deleted"
         charged = 0
+        settled = False
     ctx.trace.outcome = outcome
     ctx.trace.input_tokens = result.input_tokens or 0
     ctx.trace.output_tokens = result.output_tokens or 0
     if result.error:
         ctx.trace.error = f"call_model: {result.fault} {result.error}"
-    return {"outcome": outcome, "charged": charged}
+    return {"outcome": outcome, "charged": charged, "update_settled": settled}
 
 
 # --- the summarise path ---------------------------------------------------------------

@@ -25,6 +25,7 @@ class TurnState(TypedDict, total=False):
     result: ModelResult | None
     charged: int
     outcome: str  # answered | partial | refused | failed | deleted
+    update_settled: bool  # the update was marked done in the inbox with the answer
 
 
 class SummaryState(TypedDict, total=False):

@@ -22,6 +22,7 @@ from graph.agent import (
     Resumed,
     SessionStarted,
 )
+from handlers.delivery import UPDATE_SETTLED
 from handlers.i18n import Catalog
 from handlers.streaming import AnswerStream, ChatPacer
 from storage.crypto import DecryptionError
@@ -64,28 +65,30 @@ def has_visible_text(text: str) -> bool:
 async def chat(
     message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
     pacer: ChatPacer, lang: str | None, expired: bool = False,
-) -> None:
+) -> str | None:
+    """UPDATE_SETTLED when the answer's commit already marked the update done in the inbox."""
     assert message.from_user is not None and message.text is not None
     if expired:  # left unanswered by a crash longer ago than the recovery window
         await message.answer(catalog.text(lang, "recovery.resend"))
-        return
+        return None
     me = await bot.me()
     text = addressed_text(message, me.username, me.id)
     if text is None:
-        return  # group chatter not meant for the bot
+        return None  # group chatter not meant for the bot
     text = text.strip()
     if not has_visible_text(text):
         await message.reply(catalog.text(lang, "input.empty_text"))
-        return
+        return None
     limit = agent.services.settings.max_message_chars
     if len(text) > limit:
         await message.reply(catalog.text(lang, "input.text_too_long", length=len(text), max=limit))
-        return
+        return None
     private = message.chat.type == "private"
     stream = AnswerStream(
         bot, message.chat.id, private=private, pacer=pacer,
         reply_to=None if private else message.message_id,
     )
+    settled = False
     try:
         async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id, interval=4.0):
             async for event in agent.handle_message(
@@ -93,6 +96,7 @@ async def chat(
                 update_id=event_update.update_id, language=lang,
             ):
                 await _show(event, stream, message, bot, agent, catalog, lang)
+                settled = settled or getattr(event, "update_settled", False)
     except DecryptionError:
         await stream.abandon()
         await message.answer(catalog.text(lang, "errors.decrypt_failed"))
@@ -101,6 +105,7 @@ async def chat(
         await stream.abandon()
         await message.answer(catalog.text(lang, "errors.generic"))
         raise  # logged by aiogram (class and traceback; never the message text) and sent to Sentry
+    return UPDATE_SETTLED if settled else None
 
 
 async def _show(

@@ -34,6 +34,9 @@ from storage.repositories import Inbox
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
+# Returned by a handler that marked its update done itself, in the commit that stored the
+# answer (graph/nodes.py persist): one transaction per message fewer.
+UPDATE_SETTLED = "update settled"
 
 
 def _event(update: Update) -> object | None:
@@ -116,7 +119,8 @@ class Delivery:
         try:
             with sentry_sdk.isolation_scope():
                 tag_context(user_of(update), None, None)  # hashed: Sentry never sees the id
-                await self.dispatcher.feed_update(self.bot, update)
+                if await self.dispatcher.feed_update(self.bot, update) == UPDATE_SETTLED:
+                    return
         except asyncio.CancelledError:
             raise  # shutdown: left unprocessed in the inbox, handled again at the next start
         except Exception as exc:  # noqa: BLE001 - one bad update must not stop the others
