@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import gc
 import logging
 import signal
 from typing import TypedDict
@@ -116,19 +115,10 @@ async def serve_polling(agent: Agent, bot: Bot, dispatcher: Dispatcher, delivery
         if settled:
             log.warning("settled %d reservation(s) left by the last run", settled)
         await delivery.recover()
-        freeze_startup_heap()
         await delivery.poll(allowed_updates=dispatcher.resolve_used_update_types())
     finally:
         await delivery.drain()
         await dispatcher.emit_shutdown(bot=bot, **dispatcher.workflow_data)
-
-
-def freeze_startup_heap() -> None:
-    """Move what start-up built (modules, pydantic and SQLAlchemy models, the graphs) out of the
-    garbage collector's reach: it lives as long as the process, and full collections would
-    otherwise walk all of it again and again while messages are being answered."""
-    gc.collect()
-    gc.freeze()
 
 
 async def run_polling(agent: Agent) -> None:

@@ -93,7 +93,7 @@ class WebhookServer:
 
 
 async def run_webhook(agent: Agent) -> None:
-    from handlers.app import build_bot, build_dispatcher, fleet_parts, freeze_startup_heap
+    from handlers.app import build_bot, build_dispatcher, fleet_parts
     from handlers.i18n import Catalog
 
     settings = agent.services.settings
@@ -117,7 +117,6 @@ async def run_webhook(agent: Agent) -> None:
             allowed_updates=dispatcher.resolve_used_update_types(), drop_pending_updates=False,
         )
         await delivery.recover()
-        freeze_startup_heap()
         log.info("webhook mode: listening on %s:%s%s", settings.webhook_listen_host, settings.webhook_port, server.path)
         await stop.wait()
     finally:
