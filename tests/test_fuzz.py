@@ -418,18 +418,7 @@ class ErrorLog(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _stale_client_noise(record):
-            return
         self.records.append(record)
-
-
-def _stale_client_noise(record: logging.LogRecord) -> bool:
-    """An earlier test's cached httpx2 client, collected after its event loop closed.
-
-    langchain-openai caches one client per base URL process-wide; when a test's loop is gone,
-    the client's close fails on the *next* test's loop. Not this bot's doing, and not this update's.
-    """
-    return record.name == "asyncio" and "AsyncClient.aclose" in record.getMessage()
 
 
 @pytest.fixture
