@@ -129,6 +129,7 @@ class TraceLog:
             except Exception as exc:  # noqa: BLE001 - a lost trace must never cost anyone an answer
                 if attempt == 2 or not isinstance(exc, SQLAlchemyError):
                     log.warning("%d trace(s) not saved: %s", len(batch), type(exc).__name__)
+                    return
 
 
 def traced(name: str, node: Callable[[StateT, Any], Awaitable[dict[str, Any]]]) -> Callable[
