@@ -376,3 +376,14 @@ def pg_no_pre_ping() -> None:
         return engine
 
     db.create_engine = create_engine  # type: ignore[assignment]
+
+
+@patch("sqlite_worker_thread",
+       "SQLite through aiosqlite's worker thread (storage/db.py create_engine sqlite_on_loop=False) "
+       "instead of on the event loop's thread: prices the thread hops")
+def sqlite_worker_thread() -> None:
+    from functools import partial
+
+    from storage import db
+
+    db.create_engine = partial(db.create_engine, sqlite_on_loop=False)  # type: ignore[assignment]

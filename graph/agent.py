@@ -21,6 +21,7 @@ from graph.tracing import RunTrace, TraceLog
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, Message, User
 from storage.repositories import Budget, Messages, Sessions, Users
+from storage.turns import NewQuestion, StoredQuestion, store_question
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,6 @@ class SessionEnd:
     outcome: str  # summarised | empty | failed | already_closed
     title: str | None
     summary: str | None
-
-
-@dataclass(frozen=True)
-class StoredQuestion:
-    session: ChatSession
-    question_id: int
-    user: User
-    history: list[Message]  # the session's latest answered exchanges before it, oldest first
-    started: bool = False  # the session was opened for this message
-    resumed: bool = False  # a crash left it unanswered; it is answered now
 
 
 @dataclass(frozen=True)
@@ -206,16 +197,16 @@ class Agent:
         if stored is None:
             yield Duplicate()
             return
-        session = stored.session
-        role = self.role_for(session.role)
+        role = self.role_for(stored.session_role)
         if stored.started:
-            yield SessionStarted(session.id, automatic=True, role=role)
+            yield SessionStarted(stored.session_id, automatic=True, role=role)
         if stored.resumed:
             yield Resumed()
-        trace = RunTrace("turn", user_id, session.id)
+        trace = RunTrace("turn", user_id, stored.session_id)
         context = TurnContext(
-            services=self.services, user_id=user_id, chat_id=chat_id, session_id=session.id,
-            question_id=stored.question_id, role=role, instructions=stored.user.instructions,
+            services=self.services, user_id=user_id, chat_id=chat_id,
+            session_id=stored.session_id, question_id=stored.question_id, role=role,
+            instructions=stored.instructions,
             history=stored.history, trace=trace, update_id=update_id,
         )
         feed = DeltaFeed()
@@ -256,43 +247,35 @@ class Agent:
 
         The session's recent history is read in the same transaction: one round trip less.
         """
+        settings = self.services.settings
+        new = NewQuestion(
+            user_id=user_id, chat_id=chat_id, text=text, update_id=update_id,
+            tokens=count_tokens(text, settings.chat_model), language=language,
+            history_limit=settings.history_messages,
+        )
         async with self.services.sessions() as db:
-            user = await Users(db).ensure(user_id, language)
-            sessions = Sessions(db)
-            session = await sessions.open_for(user_id, chat_id)
-            started = session is None
-            if session is None:
-                session = await sessions.open(user_id, chat_id, self.role_for(user.role).id, None)
-            question_id = await Messages(db).add_user_message(
-                session_id=session.id, user_id=user_id, chat_id=chat_id, text=text,
-                update_id=update_id, tokens=count_tokens(text, self.services.settings.chat_model),
-            )
-            if question_id is None:  # the update was stored before: a redelivery, or a crash
-                await db.rollback()  # (a session opened just now is not kept)
-                await db.refresh(user)  # the rollback expired it
-                assert update_id is not None
-                earlier = await Messages(db).by_update_id(update_id)
-                return None if earlier is None else await self._resumable(db, earlier, user)
-            await sessions.touch(session.id)
-            history = await self._history(db, session.id, question_id)
-            await db.commit()
-            return StoredQuestion(session, question_id, user, history, started=started)
+            stored = await store_question(db, new, lambda role: self.role_for(role).id)
+            if stored is not None or update_id is None:
+                return stored
+            # The update was stored before: a redelivery, or a crash cut its answer off.
+            earlier = await Messages(db).by_update_id(update_id)
+            return None if earlier is None else await self._resumable(db, earlier, user_id)
 
     async def _resumable(
-        self, db: AsyncSession, earlier: Message, user: User
+        self, db: AsyncSession, earlier: Message, user_id: int
     ) -> StoredQuestion | None:
         """A stored message still pending was cut off by a crash: answer it now. Else: a duplicate."""
-        if earlier.status != "pending" or earlier.user_id != user.id:
+        if earlier.status != "pending" or earlier.user_id != user_id:
             return None
         session = await db.get(ChatSession, earlier.session_id)
-        if session is None:
+        user = await Users(db).get(user_id)
+        if session is None or user is None:
             return None
-        history = await self._history(db, session.id, earlier.id)
-        return StoredQuestion(session, earlier.id, user, history, resumed=True)
-
-    async def _history(self, db: AsyncSession, session_id: int, question_id: int) -> list[Message]:
         limit = self.services.settings.history_messages
-        return await Messages(db).history(session_id, limit, before_id=question_id)
+        history = await Messages(db).history(session.id, limit, before_id=earlier.id)
+        return StoredQuestion(
+            session.id, session.role, earlier.id, user.instructions, history, resumed=True
+        )
 
     async def _settle_abandoned(self, context: TurnContext) -> None:
         if context.reservation_id is None:

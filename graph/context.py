@@ -12,7 +12,7 @@ from graph.roles import Role, RoleRegistry
 from graph.tracing import RunTrace
 from memory.base import MemoryStore
 from settings import Settings
-from storage.models import Message
+from storage.core import HistoryEntry
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TurnContext:
     question_id: int
     role: Role
     instructions: str | None
-    history: list[Message]  # read with the question (graph/agent.py), oldest first
+    history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     update_id: int | None = None  # the Telegram update being answered, marked done with the answer
     # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.

@@ -15,8 +15,10 @@ from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
 from memory.base import MemoryHit, MemoryItem
-from storage.models import Message
-from storage.repositories import Budget, Inbox, Messages, OverBudget, Sessions
+from storage.core import HistoryEntry
+from storage import turns
+from storage.core import OverBudget
+from storage.repositories import Budget, Messages, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,13 @@ def _memory_line(index: int, hit: MemoryHit) -> str:
     return f"[{index}] {date}, role {hit.role or '-'}:\n{text.strip()}"
 
 
-def _fit_history(rows: list[Message], room: int, model: str) -> tuple[list[BaseMessage], int]:
+def _fit_history(rows: list[HistoryEntry], room: int, model: str) -> tuple[list[BaseMessage], int]:
     """The newest messages that fit, and their tokens; whole exchanges go from the oldest end.
 
     Each message's size was counted when it was stored (the question's own tokens, the answer's
     usage), so a long history is not tokenised again on every turn.
     """
-    kept: list[Message] = []
+    kept: list[HistoryEntry] = []
     costs: list[int] = []
     used = 0
     for row in reversed(rows):
@@ -112,26 +114,22 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
     ctx = runtime.context
     settings = ctx.services.settings
     limit = settings.daily_token_limit
-    async with ctx.services.sessions() as db:
-        budget = Budget(db)
-        remaining, day_exists = await budget.left_today(ctx.user_id, limit)
+    role_cap = ctx.role.max_output_tokens
+
+    def size(remaining: int) -> tuple[int, int]:
         # The answer may use what is left, up to the role's cap: the reservation is then an
         # upper bound on what the call can cost, so the limit holds whatever the model does.
-        # `remaining` only sizes the request; admission is the atomic UPDATE in reserve().
-        max_tokens = min(ctx.role.max_output_tokens, remaining - state["prompt_tokens"])
-        if max_tokens < min(MIN_OUTPUT_TOKENS, ctx.role.max_output_tokens):
-            amount = limit + 1  # cannot be admitted: the refusal reports the ledger as it is
-        else:
-            amount = state["prompt_tokens"] + max_tokens
-        outcome: Any = await budget.reserve(
-            ctx.user_id, amount, limit, ttl_seconds=settings.reservation_ttl_seconds,
-            day_exists=day_exists,
-        )
-        if isinstance(outcome, OverBudget):
-            await Messages(db).set_status(ctx.question_id, "refused")
-            await db.commit()
-            return {"refusal": outcome, "reservation": None}
-        await db.commit()
+        # `remaining` only sizes the request; admission is the atomic UPDATE in core.reserve.
+        max_tokens = min(role_cap, remaining - state["prompt_tokens"])
+        if max_tokens < min(MIN_OUTPUT_TOKENS, role_cap):
+            return limit + 1, max_tokens  # cannot be admitted: the refusal reports the ledger
+        return state["prompt_tokens"] + max_tokens, max_tokens
+
+    ask = turns.BudgetAsk(ctx.user_id, ctx.question_id, limit, settings.reservation_ttl_seconds)
+    async with ctx.services.sessions() as db:
+        outcome, max_tokens = await turns.reserve(db, ask, size)
+    if isinstance(outcome, OverBudget):
+        return {"refusal": outcome, "reservation": None}
     ctx.reservation_id = outcome.id
     return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
 
@@ -177,27 +175,22 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     outcome = "answered" if result.fault is None and result.text else (
         "partial" if result.text else "failed"
     )
+    written = turns.TurnRecord(
+        user_id=ctx.user_id, chat_id=ctx.chat_id, session_id=ctx.session_id,
+        question_id=ctx.question_id, update_id=ctx.update_id, reservation_id=reservation.id,
+        charged=charged, text=result.text, complete=outcome == "answered",
+        prompt_tokens=result.input_tokens or state["prompt_tokens"],
+        completion_tokens=result.output_tokens or 0,
+    )
     try:
         async with ctx.services.sessions() as db:
-            messages = Messages(db)
-            if result.text:
-                await messages.add_answer(
-                    question_id=ctx.question_id, session_id=ctx.session_id, user_id=ctx.user_id,
-                    chat_id=ctx.chat_id, text=result.text,
-                    status="complete" if outcome == "answered" else "partial",
-                    prompt_tokens=result.input_tokens or state["prompt_tokens"],
-                    completion_tokens=result.output_tokens or 0,
-                )
-            elif not await messages.set_status(ctx.question_id, "failed"):
-                raise IntegrityError("question deleted", None, Exception("deleted"))
-            await Budget(db).settle(reservation.id, charged)
-            await Sessions(db).touch(ctx.session_id)
-            if ctx.update_id is not None:  # done with the answer, in the same commit
-                await Inbox(db).mark_done(ctx.update_id)
-            await db.commit()
+            kept = await turns.persist(db, written)
+    except IntegrityError:
+        kept = False  # the answer's foreign keys: its question was deleted meanwhile
+    if kept:
         ctx.reservation_id = None
         settled = ctx.update_id is not None
-    except IntegrityError:
+    else:
         # The user deleted their data while the model was answering: write nothing back.
         outcome = "deleted"
         charged = 0

@@ -8,7 +8,7 @@ from langchain_core.messages import BaseMessage
 
 from graph.model import ModelResult
 from memory.base import MemoryHit
-from storage.repositories import OverBudget, Reserved
+from storage.core import OverBudget, Reserved
 
 
 class TurnState(TypedDict, total=False):

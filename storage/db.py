@@ -23,13 +23,28 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK_ID = 0x6465736B
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine tuned for the backend: WAL + foreign keys on SQLite, pre-ping on PostgreSQL."""
+SQLITE_BUSY_TIMEOUT = 30.0
+
+
+def create_engine(url: str, *, sqlite_on_loop: bool = True) -> AsyncEngine:
+    """An async engine tuned for the backend: WAL + foreign keys on SQLite, pre-ping on PostgreSQL.
+
+    SQLite statements run on the event loop's thread (storage/sqlite_inline.py explains why);
+    sqlite_on_loop=False keeps aiosqlite's worker thread, for comparison.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        path = parsed.database or ":memory:"
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_on_loop:
+            from storage import sqlite_inline
+
+            engine = create_async_engine(url, async_creator=lambda: sqlite_inline.connect(
+                path, busy_timeout=SQLITE_BUSY_TIMEOUT
+            ))
+        else:
+            engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # pre_ping: a PostgreSQL restart leaves dead pooled connections; they are replaced, not raised.
@@ -41,7 +56,6 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

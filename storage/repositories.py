@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Callable
+from typing import Any, Sequence, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
+from storage import core
+from storage.core import OverBudget, Reserved
 from storage.models import (
     ChatSession,
     MemoryRecord,
@@ -24,6 +26,11 @@ from storage.models import (
     utcnow,
 )
 
+__all__ = ["Budget", "Inbox", "Memories", "Messages", "OverBudget", "Reserved", "Sessions",
+           "Traces", "Users", "next_reset", "utc_day"]
+
+T = TypeVar("T")
+
 
 def _insert(db: AsyncSession, model: type) -> Any:
     """A dialect insert, so ON CONFLICT works on both PostgreSQL and SQLite."""
@@ -32,12 +39,19 @@ def _insert(db: AsyncSession, model: type) -> Any:
 
 
 def utc_day(now: dt.datetime | None = None) -> dt.date:
-    return (now or utcnow()).astimezone(dt.UTC).date()
+    return core.utc_day(now or utcnow())
 
 
 def next_reset(now: dt.datetime | None = None) -> dt.datetime:
-    day = utc_day(now)
-    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    return core.next_reset(now or utcnow())
+
+
+async def _on_connection(db: AsyncSession, work: Callable[[Connection], T]) -> T:
+    """Run storage/core.py statements on the session's connection, in its transaction."""
+    def run(session: Session) -> T:
+        return work(session.connection())
+
+    return await db.run_sync(run)
 
 
 class Users:
@@ -111,11 +125,7 @@ class Sessions:
         return session
 
     async def touch(self, session_id: int, now: dt.datetime | None = None) -> None:
-        await self.db.execute(
-            update(ChatSession)
-            .where(ChatSession.id == session_id)
-            .values(last_activity_at=now or utcnow())
-        )
+        await _on_connection(self.db, lambda c: core.touch_session(c, session_id, now or utcnow()))
 
     async def set_title(self, session_id: int, title: str) -> None:
         await self.db.execute(
@@ -169,18 +179,11 @@ class Messages:
         self, *, session_id: int, user_id: int, chat_id: int, text: str,
         update_id: int | None, tokens: int,
     ) -> int | None:
-        """Store the user's message before anything else; its id, or None when the update was seen before.
-
-        ON CONFLICT on the unique update_id makes the check and the insert one statement.
-        """
-        stmt = _insert(self.db, Message).values(
-            session_id=session_id, user_id=user_id, chat_id=chat_id, role="user", text=text,
-            status="pending", prompt_tokens=tokens, completion_tokens=0, update_id=update_id,
-            created_at=utcnow(),
-        )
-        if update_id is not None:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["update_id"])
-        return (await self.db.execute(stmt.returning(Message.id))).scalar_one_or_none()
+        """Store the user's message before anything else; its id, or None when the update was seen before."""
+        return await _on_connection(self.db, lambda c: core.add_question(
+            c, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
+            update_id=update_id, tokens=tokens, now=utcnow(),
+        ))
 
     async def by_update_id(self, update_id: int) -> Message | None:
         stmt = select(Message).where(Message.update_id == update_id)
@@ -190,31 +193,20 @@ class Messages:
         self, *, question_id: int, session_id: int, user_id: int, chat_id: int, text: str,
         status: str, prompt_tokens: int, completion_tokens: int,
     ) -> None:
-        """The answer, and the question marked answered. A question deleted meanwhile (with its
-        user) makes the insert fail on its foreign keys: IntegrityError, nothing written."""
-        await self.db.execute(_insert(self.db, Message).values(
-            session_id=session_id, user_id=user_id, chat_id=chat_id, role="assistant", text=text,
-            status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            reply_to=question_id, created_at=utcnow(),
+        """The answer, and the question marked answered (storage/core.py add_answer)."""
+        await _on_connection(self.db, lambda c: core.add_answer(
+            c, question_id=question_id, session_id=session_id, user_id=user_id, chat_id=chat_id,
+            text=text, status=status, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, now=utcnow(),
         ))
-        await self.set_status(question_id, "answered")
 
     async def set_status(self, message_id: int, status: str) -> bool:
         """False when the message is gone (deleted with its user)."""
-        done = await self.db.execute(
-            update(Message).where(Message.id == message_id).values(status=status)
-        )
-        return bool(done.rowcount)  # type: ignore[attr-defined]
+        return await _on_connection(self.db, lambda c: core.set_status(c, message_id, status))
 
-    async def history(self, session_id: int, limit: int, before_id: int | None = None) -> list[Message]:
-        """The latest answered exchanges of a session, oldest first."""
-        stmt = select(Message).where(
-            Message.session_id == session_id, Message.status.in_(("answered", "complete", "partial"))
-        )
-        if before_id is not None:
-            stmt = stmt.where(Message.id < before_id)
-        stmt = stmt.order_by(Message.id.desc()).limit(limit)
-        return list(reversed((await self.db.execute(stmt)).scalars().all()))
+    async def history(self, session_id: int, limit: int, before_id: int) -> list[core.HistoryEntry]:
+        """The latest answered exchanges of a session before a message, oldest first."""
+        return await _on_connection(self.db, lambda c: core.history(c, session_id, limit, before_id))
 
     async def for_session(self, session_id: int) -> list[Message]:
         stmt = select(Message).where(Message.session_id == session_id).order_by(Message.id)
@@ -234,21 +226,6 @@ class Messages:
         return list((await self.db.execute(stmt)).scalars())
 
 
-@dataclass(frozen=True)
-class Reserved:
-    id: str
-    amount: int
-    day: dt.date
-
-
-@dataclass(frozen=True)
-class OverBudget:
-    used: int
-    reserved: int
-    limit: int
-    resets_at: dt.datetime
-
-
 class Budget:
     """The daily ledger: reserve atomically before a call, settle with the real usage after."""
 
@@ -259,40 +236,11 @@ class Budget:
         self, user_id: int, amount: int, limit: int, *, ttl_seconds: int,
         now: dt.datetime | None = None, day_exists: bool = False,
     ) -> Reserved | OverBudget:
-        """Admit `amount` tokens or refuse; day_exists: the caller just saw today's row."""
-        now = now or utcnow()
-        day = utc_day(now)
-        if not day_exists:
-            await self.db.execute(
-                _insert(self.db, UsageDay)
-                .values(user_id=user_id, day=day, used=0, reserved=0)
-                .on_conflict_do_nothing(index_elements=["user_id", "day"])
-            )
-        # One conditional UPDATE is the whole admission check: concurrent reservations
-        # serialise on the row, and the WHERE is re-checked after the wait.
-        admitted = await self.db.execute(
-            update(UsageDay)
-            .where(
-                UsageDay.user_id == user_id,
-                UsageDay.day == day,
-                UsageDay.used + UsageDay.reserved + amount <= limit,
-            )
-            .values(reserved=UsageDay.reserved + amount)
-            .returning(UsageDay.used)
-        )
-        if admitted.first() is None:
-            row = (await self.db.execute(
-                select(UsageDay.used, UsageDay.reserved).where(
-                    UsageDay.user_id == user_id, UsageDay.day == day
-                )
-            )).one()
-            return OverBudget(row.used, row.reserved, limit, next_reset(now))
-        reservation = Reservation(
-            id=str(uuid.uuid4()), user_id=user_id, day=day, amount=amount, created_at=now,
-            expires_at=now + dt.timedelta(seconds=ttl_seconds),
-        )
-        self.db.add(reservation)
-        return Reserved(reservation.id, amount, day)
+        """Admit `amount` tokens or refuse (storage/core.py reserve)."""
+        return await _on_connection(self.db, lambda c: core.reserve(
+            c, user_id, amount, limit, ttl_seconds=ttl_seconds, now=now or utcnow(),
+            day_exists=day_exists,
+        ))
 
     async def remaining(self, user_id: int, limit: int, now: dt.datetime | None = None) -> int:
         return (await self.left_today(user_id, limit, now))[0]
@@ -301,35 +249,13 @@ class Budget:
         self, user_id: int, limit: int, now: dt.datetime | None = None
     ) -> tuple[int, bool]:
         """(tokens left today, whether today's row exists). A hint for sizing, not admission."""
-        row = (await self.db.execute(
-            select(UsageDay.used, UsageDay.reserved).where(
-                UsageDay.user_id == user_id, UsageDay.day == utc_day(now)
-            )
-        )).first()
-        if row is None:
-            return limit, False
-        return max(0, limit - row.used - row.reserved), True
+        return await _on_connection(
+            self.db, lambda c: core.left_today(c, user_id, limit, now or utcnow())
+        )
 
     async def settle(self, reservation_id: str, actual: int | None) -> int | None:
-        """Replace a reservation by the real usage (the full reservation when usage is unknown).
-
-        Idempotent: the reservation row is claimed by DELETE ... RETURNING, so a second
-        settle (a retry, the sweeper) finds nothing and charges nothing.
-        """
-        claimed = (await self.db.execute(
-            delete(Reservation)
-            .where(Reservation.id == reservation_id)
-            .returning(Reservation.user_id, Reservation.day, Reservation.amount)
-        )).first()
-        if claimed is None:
-            return None
-        charge = claimed.amount if actual is None else actual
-        await self.db.execute(
-            update(UsageDay)
-            .where(UsageDay.user_id == claimed.user_id, UsageDay.day == claimed.day)
-            .values(reserved=UsageDay.reserved - claimed.amount, used=UsageDay.used + charge)
-        )
-        return charge
+        """Replace a reservation by the real usage; idempotent (storage/core.py settle)."""
+        return await _on_connection(self.db, lambda c: core.settle(c, reservation_id, actual))
 
     async def charge(self, user_id: int, tokens: int, now: dt.datetime | None = None) -> None:
         """Charge work that is not refused for budget (a session's summary)."""
@@ -353,7 +279,9 @@ class Budget:
         return list((await self.db.execute(select(Reservation.id))).scalars())
 
     async def day(self, user_id: int, now: dt.datetime | None = None) -> UsageDay | None:
-        return await self.db.get(UsageDay, (user_id, utc_day(now)))
+        # Fresh from the database: the ledger is written with Core statements (storage/core.py),
+        # which do not refresh a row this session may have loaded before.
+        return await self.db.get(UsageDay, (user_id, utc_day(now)), populate_existing=True)
 
 
 class Memories:
@@ -423,24 +351,13 @@ class Inbox:
 
     async def store(self, update_id: int, user_id: int | None, chat_id: int | None, payload: str) -> bool:
         """True the first time an update id is seen; a redelivery stores nothing and says False."""
-        result = await self.db.execute(
-            _insert(self.db, InboxUpdate)
-            .values(
-                update_id=update_id, user_id=user_id, chat_id=chat_id,
-                payload=payload,
-                state="new", attempts=0, received_at=utcnow(),
-            )
-            .on_conflict_do_nothing(index_elements=["update_id"])
-        )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return await _on_connection(self.db, lambda c: core.store_update(
+            c, update_id, user_id, chat_id, payload, utcnow()
+        ))
 
     async def mark_done(self, update_id: int) -> None:
         """Processed: the text goes, the id stays (to recognise a redelivery)."""
-        await self.db.execute(
-            update(InboxUpdate)
-            .where(InboxUpdate.update_id == update_id)
-            .values(state="done", payload=None, attempts=InboxUpdate.attempts + 1)
-        )
+        await _on_connection(self.db, lambda c: core.mark_update_done(c, update_id))
 
     async def unprocessed(self) -> list[InboxUpdate]:
         stmt = (

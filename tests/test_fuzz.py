@@ -462,7 +462,9 @@ class Feeder:
                     state = await db.scalar(
                         select(InboxUpdate.state).where(InboxUpdate.update_id == update_id)
                     )
-                if state == "done":
+                # Done in the inbox is not yet finished: the answer's commit marks it done,
+                # then the answer is sent. The update's delivery task ends after that.
+                if state == "done" and not delivery_tasks():
                     return
             if time.monotonic() > deadline:
                 raise AssertionError(
@@ -470,6 +472,14 @@ class Feeder:
                     f"(confirmed={confirmed}); the bot is stuck"
                 )
             await asyncio.sleep(0.01)
+
+
+def delivery_tasks() -> list[asyncio.Task[Any]]:
+    """Updates being processed (handlers/delivery.py Delivery._after)."""
+    return [
+        t for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", None) == "Delivery._after" and not t.done()
+    ]
 
 
 def serving_task() -> asyncio.Task[Any]:

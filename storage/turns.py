@@ -1,0 +1,150 @@
+"""The message path's three transactions, each one `run_sync` call: store, reserve, persist.
+
+Each runs storage/core.py statements back to back on one connection and commits, so a message
+crosses into SQLAlchemy's greenlet three times in all, not once per statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from storage import core
+from storage.core import HistoryEntry, OverBudget, Reserved
+from storage.models import utcnow
+
+
+@dataclass(frozen=True)
+class NewQuestion:
+    user_id: int
+    chat_id: int
+    text: str
+    update_id: int | None
+    tokens: int
+    language: str | None
+    history_limit: int
+
+
+@dataclass(frozen=True)
+class StoredQuestion:
+    session_id: int
+    session_role: str
+    question_id: int
+    instructions: str | None
+    history: list[HistoryEntry]  # the session's latest answered exchanges before it, oldest first
+    started: bool = False  # the session was opened for this message
+    resumed: bool = False  # a crash left it unanswered; it is answered now
+
+
+def _store_question(
+    session: Session, new: NewQuestion, choose_role: Callable[[str | None], str]
+) -> StoredQuestion | None:
+    conn = session.connection()
+    now = utcnow()
+    user = core.ensure_user(conn, new.user_id, new.language, now)
+    chat_session = core.open_session_for(conn, new.user_id, new.chat_id)
+    started = chat_session is None
+    if chat_session is None:
+        chat_session = core.open_session(conn, new.user_id, new.chat_id, choose_role(user.role), now)
+    question_id = core.add_question(
+        conn, session_id=chat_session.id, user_id=new.user_id, chat_id=new.chat_id,
+        text=new.text, update_id=new.update_id, tokens=new.tokens, now=now,
+    )
+    if question_id is None:
+        session.rollback()  # a redelivery: a session opened just now is not kept
+        return None
+    core.touch_session(conn, chat_session.id, now)
+    history = core.history(conn, chat_session.id, new.history_limit, question_id)
+    session.commit()
+    return StoredQuestion(
+        chat_session.id, chat_session.role, question_id, user.instructions, history, started
+    )
+
+
+async def store_question(
+    db: AsyncSession, new: NewQuestion, choose_role: Callable[[str | None], str]
+) -> StoredQuestion | None:
+    """Store the message (and its user and session, when new) and read the session's history,
+    in one transaction; None when the update was stored before. choose_role(the user's role)
+    names the role of a session this message opens."""
+    return await db.run_sync(_store_question, new, choose_role)
+
+
+@dataclass(frozen=True)
+class BudgetAsk:
+    user_id: int
+    question_id: int
+    limit: int
+    ttl_seconds: int
+
+
+async def reserve(
+    db: AsyncSession, ask: BudgetAsk, size: Callable[[int], tuple[int, int]]
+) -> tuple[Reserved | OverBudget, int]:
+    """Reserve what size(tokens left today) asks for -> (amount, max_tokens); a refusal marks
+    the question refused in the same commit. Returns the outcome and max_tokens."""
+
+    def run(session: Session) -> tuple[Reserved | OverBudget, int]:
+        conn = session.connection()
+        now = utcnow()
+        remaining, day_exists = core.left_today(conn, ask.user_id, ask.limit, now)
+        amount, max_tokens = size(remaining)
+        outcome = core.reserve(
+            conn, ask.user_id, amount, ask.limit, ttl_seconds=ask.ttl_seconds, now=now,
+            day_exists=day_exists,
+        )
+        if isinstance(outcome, OverBudget):
+            core.set_status(conn, ask.question_id, "refused")
+        session.commit()
+        return outcome, max_tokens
+
+    return await db.run_sync(run)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """What persist writes: the answer (if any text came), the charge, the inbox row."""
+
+    user_id: int
+    chat_id: int
+    session_id: int
+    question_id: int
+    update_id: int | None
+    reservation_id: str
+    charged: int
+    text: str
+    complete: bool
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def persist(db: AsyncSession, outcome: TurnRecord) -> bool:
+    """The answer, the real charge, the session's activity and the update marked done, in one
+    commit. False (nothing written) when the question is gone; an answer to a deleted question
+    raises IntegrityError (its foreign keys)."""
+
+    def run(session: Session) -> bool:
+        conn = session.connection()
+        now = utcnow()
+        if outcome.text:
+            core.add_answer(
+                conn, question_id=outcome.question_id, session_id=outcome.session_id,
+                user_id=outcome.user_id, chat_id=outcome.chat_id, text=outcome.text,
+                status="complete" if outcome.complete else "partial",
+                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                now=now,
+            )
+        elif not core.set_status(conn, outcome.question_id, "failed"):
+            session.rollback()
+            return False
+        core.settle(conn, outcome.reservation_id, outcome.charged)
+        core.touch_session(conn, outcome.session_id, now)
+        if outcome.update_id is not None:  # done with the answer, in the same commit
+            core.mark_update_done(conn, outcome.update_id)
+        session.commit()
+        return True
+
+    return await db.run_sync(run)
