@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 import openai
 from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
@@ -54,7 +54,7 @@ def classify(exc: BaseException) -> FaultKind:
     if isinstance(exc, openai.RateLimitError):
         return "quota" if _error_code(exc) == "insufficient_quota" else "busy"
     if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
-        return "timeout"
+        return "unavailable" if _connection_failed(exc) else "timeout"
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return "auth"
     if isinstance(exc, openai.APIConnectionError):
@@ -64,6 +64,21 @@ def classify(exc: BaseException) -> FaultKind:
     if type(exc).__module__.startswith(("httpx", "httpcore", "aiohttp")):
         return "unavailable"  # transport errors raised while reading a stream
     return "error"
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """A refused or dropped connection, which the aiohttp transport reports as a timeout.
+
+    It is not one: nothing ran long, and a "timeout" would charge the user the reservation.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+            cause, (asyncio.TimeoutError, TimeoutError)
+        ):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _error_code(exc: openai.APIStatusError) -> str | None:
@@ -93,11 +108,16 @@ def _retry_after(exc: BaseException) -> float | None:
 class ModelGateway:
     """Owns every call to the provider; the SDK's own retries are off (max_retries=0).
 
-    Answers stream through the OpenAI client that langchain-openai's ChatOpenAI builds, read as
-    raw server-sent events: the chunks of a streamed answer then cost a json.loads each, not the
-    pydantic chunk models, message chunks and callback dispatch that `astream` adds to every
-    token (about a third of the bot's CPU per message, bench/experiments.py). Summaries, which
-    are not streamed, go through ChatOpenAI itself.
+    Answers stream through the OpenAI client that langchain-openai's ChatOpenAI builds, posted
+    with the SDK's own `post` and read as plain dict chunks: not the pydantic chunk models,
+    message chunks and callback dispatch that `astream` adds to every token (about a third of
+    the bot's CPU per message, bench/experiments.py), nor the SDK's request transform, which
+    walks every message of the prompt (~1 ms per call with a long history). Summaries, which are
+    not streamed, go through ChatOpenAI itself.
+
+    The transport is the SDK's aiohttp one (openai.DefaultAioHttpClient): a streamed answer is
+    one read per token, and aiohttp's C parser reads each for about half of httpx's CPU
+    (bench/README: model client).
     """
 
     def __init__(
@@ -111,7 +131,7 @@ class ModelGateway:
         self._retry_base_delay = retry_base_delay
         # One connection pool for every model, owned here so it is closed on this event loop
         # (langchain-openai would otherwise share one per base URL across the whole process).
-        self._http = openai.DefaultAsyncHttpxClient()
+        self._http = openai.DefaultAioHttpClient()
         self._chat_models: dict[tuple[str, float], ChatOpenAI] = {}
         self._embeddings = OpenAIEmbeddings(
             model=embedding_model, api_key=api_key, base_url=base_url, max_retries=0,
@@ -137,7 +157,7 @@ class ModelGateway:
         on_delta: Callable[[str], None] | None = None,
     ) -> ModelResult:
         """Stream an answer; retry only before the first token (a retry after it would repeat text)."""
-        completions = self.chat_model(model, temperature).async_client
+        client = self.chat_model(model, temperature).root_async_client
         request = {
             "model": model, "messages": [_as_openai(m) for m in messages],
             "temperature": temperature, "max_tokens": max_tokens, "stream": True,
@@ -148,11 +168,15 @@ class ModelGateway:
             attempt += 1
             answer = _StreamedAnswer(on_delta)
             try:
-                async with completions.with_streaming_response.create(**request) as response:
-                    # Read to the end, past [DONE]: a response left unread cannot give its
-                    # connection back to the pool, and every answer would open a new one.
-                    async for line in response.iter_lines():
-                        answer.feed(line, response)
+                # The SDK's stream reads past [DONE] (a response left unread could not give its
+                # connection back to the pool) and raises an error event as APIError.
+                stream = await client.post(
+                    "/chat/completions", body=request, cast_to=object, stream=True,
+                    stream_cls=openai.AsyncStream[object],
+                )
+                async with stream:
+                    async for chunk in stream:
+                        answer.feed(chunk)
             except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
                 kind = classify(exc)
                 if answer.parts:
@@ -222,7 +246,7 @@ def _as_openai(message: BaseMessage) -> dict[str, str]:
 
 
 class _StreamedAnswer:
-    """What one streamed attempt produced, read from the server-sent event lines."""
+    """What one streamed attempt produced, chunk by chunk."""
 
     def __init__(self, on_delta: Callable[[str], None] | None) -> None:
         self.on_delta = on_delta
@@ -230,18 +254,10 @@ class _StreamedAnswer:
         self.usage: dict[str, Any] | None = None
         self.truncated = False
 
-    def feed(self, line: str, response: Any) -> None:
-        """Take one line of the event stream."""
-        if not line.startswith("data:"):
-            return  # blank separators, comments, event names
-        data = line[5:].strip()
-        if data == "[DONE]":
+    def feed(self, chunk: Any) -> None:
+        """Take one chunk of the stream (a chat.completion.chunk, as a dict)."""
+        if not isinstance(chunk, dict):
             return
-        chunk = json.loads(data)
-        if chunk.get("error"):  # a fault reported inside the stream, as the OpenAI SDK raises it
-            error = chunk["error"]
-            message = error.get("message", "error in stream") if isinstance(error, dict) else str(error)
-            raise openai.APIError(message, response.http_request, body=error)
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from sqlalchemy import select
@@ -197,6 +198,19 @@ async def test_server_errors_are_bounded(agent: Agent, fake_openai: FakeOpenAI) 
     failure = final(await say(agent, 13, "hi"))
     assert failure == Failure("unavailable")
     assert len(fake_openai.chat_requests) == 3  # MODEL_MAX_ATTEMPTS, one retry layer
+
+
+async def test_an_unreachable_provider_is_unavailable_and_costs_nothing(
+    agent_factory, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """A refused connection is not a timeout (which the provider may have billed)."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = agent_factory(openai_base_url=f"http://127.0.0.1:{port}/v1", model_max_attempts=2)
+    failure = final(await say(agent, 19, "hi"))
+    assert failure == Failure("unavailable")
+    assert await ledger(sessions, 19) == (0, 0)
 
 
 async def test_hang_times_out_and_is_charged(
