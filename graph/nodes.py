@@ -134,7 +134,8 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
     return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
 
 
-def after_budget(state: TurnState) -> Literal["call_model", "refuse"]:
+# Routers are coroutines too: LangGraph runs a plain function in a worker thread under ainvoke.
+async def after_budget(state: TurnState) -> Literal["call_model", "refuse"]:
     return "refuse" if state.get("refusal") is not None else "call_model"
 
 
@@ -216,7 +217,7 @@ async def load_transcript(state: SummaryState, runtime: Runtime[SummaryContext])
     return {"transcript": transcript}
 
 
-def after_transcript(state: SummaryState) -> Literal["summarise", "close_session"]:
+async def after_transcript(state: SummaryState) -> Literal["summarise", "close_session"]:
     return "summarise" if state.get("transcript") else "close_session"
 
 

@@ -38,6 +38,10 @@ FAILURE_TEXTS = {
     "error": "errors.generic",
 }
 ADMIN_ALERT_INTERVAL = 600.0
+# "typing…" is for a wait: an answer already streaming by then shows itself, and every
+# sendChatAction counts against the chat's flood limit like the drafts do.
+TYPING_AFTER = 0.5
+TYPING_EVERY = 4.0  # Telegram shows the action for ~5 s
 _last_alert: dict[str, float] = {}
 
 
@@ -90,7 +94,9 @@ async def chat(
     )
     settled = False
     try:
-        async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id, interval=4.0):
+        async with ChatActionSender.typing(
+            bot=bot, chat_id=message.chat.id, interval=TYPING_EVERY, initial_sleep=TYPING_AFTER
+        ):
             async for event in agent.handle_message(
                 user_id=message.from_user.id, chat_id=message.chat.id, text=text,
                 update_id=event_update.update_id, language=lang,
