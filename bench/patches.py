@@ -359,10 +359,10 @@ def typing_after_1s() -> None:
     chat.ChatActionSender = LateTyping  # type: ignore[attr-defined,misc]
 
 
-@patch("pg_no_pre_ping",
-       "no pool_pre_ping on PostgreSQL (storage/db.py create_engine): every session checkout "
-       "otherwise pings the server first, and a message opens ~6 sessions")
-def pg_no_pre_ping() -> None:
+@patch("pg_ping_every_checkout",
+       "SQLAlchemy's pool_pre_ping on PostgreSQL (a ping at every checkout) instead of "
+       "storage/db.py's ping of connections idle for over a second: prices the pings")
+def pg_ping_every_checkout() -> None:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from storage import db
@@ -372,7 +372,7 @@ def pg_no_pre_ping() -> None:
     def create_engine(url: str) -> AsyncEngine:
         engine = original(url)
         if engine.dialect.name == "postgresql":
-            engine.sync_engine.pool._pre_ping = False  # noqa: SLF001 - the experiment's switch
+            engine.sync_engine.pool._pre_ping = True  # noqa: SLF001 - the experiment's switch
         return engine
 
     db.create_engine = create_engine  # type: ignore[assignment]
@@ -387,3 +387,12 @@ def sqlite_worker_thread() -> None:
     from storage import db
 
     db.create_engine = partial(db.create_engine, sqlite_on_loop=False)  # type: ignore[assignment]
+
+
+@patch("gc_threshold_high",
+       "a larger young-generation threshold (gc.set_threshold(50_000, 20, 20) after start-up): "
+       "prices the collector's work with many turns in flight")
+def gc_threshold_high() -> None:
+    import gc
+
+    gc.set_threshold(50_000, 20, 20)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import time
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 if TYPE_CHECKING:
@@ -47,8 +49,37 @@ def create_engine(url: str, *, sqlite_on_loop: bool = True) -> AsyncEngine:
             engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    # pre_ping: a PostgreSQL restart leaves dead pooled connections; they are replaced, not raised.
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine)
+    return engine
+
+
+# A PostgreSQL restart leaves dead connections in the pool; a ping at checkout finds them, and
+# the pool replaces them instead of failing a message. SQLAlchemy's pool_pre_ping pings at
+# every checkout: three round trips (BEGIN, ";", ROLLBACK with asyncpg), and a message checks
+# out three connections. A connection back in the pool for less than this was alive a moment
+# ago, so only one that sat idle longer is pinged: a busy bot pings almost never.
+PING_IF_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    pool = engine.sync_engine.pool
+    dialect = engine.sync_engine.dialect
+
+    @event.listens_for(pool, "checkin")
+    def _returned(dbapi_connection: object, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _borrowed(dbapi_connection: Any, record: Any, proxy: object) -> None:
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < PING_IF_IDLE_SECONDS:
+            return  # new, or used a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises for a dead socket
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError(f"idle connection failed its ping: {type(exc).__name__}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -238,3 +238,28 @@ async def test_export_and_delete_cover_one_user_only(
             left = await conn.scalar(text(f"SELECT count(*) FROM {table} WHERE {column} = 31"))
             assert left == 0, table
         assert await conn.scalar(text("SELECT count(*) FROM messages WHERE user_id = 32")) == 2
+
+
+@pytest.mark.postgres
+async def test_a_pooled_connection_killed_while_idle_is_replaced_not_raised(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a PostgreSQL restart does to the pool; storage/db.py pings connections that sat idle."""
+    from storage import db
+
+    monkeypatch.setattr(db, "PING_IF_IDLE_SECONDS", 0.05)
+    engine = db.create_engine(pg_url)
+    try:
+        async with engine.connect() as conn:  # back to the pool when the block ends
+            pooled_pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+        killer = db.create_engine(pg_url)
+        try:
+            async with killer.connect() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pooled_pid})
+        finally:
+            await killer.dispose()
+        await asyncio.sleep(0.2)  # idle for longer than the threshold
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() != pooled_pid
+    finally:
+        await engine.dispose()
