@@ -396,3 +396,44 @@ def gc_threshold_high() -> None:
     import gc
 
     gc.set_threshold(50_000, 20, 20)
+
+
+@patch("tracemalloc_peak",
+       "tracemalloc from 8 s after launch (start-up traced would take minutes); whenever RSS reaches a new high above 250 MB, the top "
+       "allocation sites are written to $BENCH_TRACEMALLOC_OUT (default /tmp/tracemalloc-peak.txt). "
+       "Slows everything down: for finding what holds memory, not for timing")
+def tracemalloc_peak() -> None:
+    import os
+    import threading
+    import time
+    import tracemalloc
+
+    out = os.environ.get("BENCH_TRACEMALLOC_OUT", "/tmp/tracemalloc-peak.txt")
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def watch() -> None:
+        time.sleep(8)
+        tracemalloc.start(12)
+        best = 250.0
+        while True:
+            time.sleep(0.5)
+            rss = rss_mb()
+            if rss <= best:
+                continue
+            best = rss
+            snapshot = tracemalloc.take_snapshot()
+            lines = [f"RSS {rss:.0f} MB, traced {tracemalloc.get_traced_memory()[0] / 2**20:.0f} MB"]
+            for stat in snapshot.statistics("traceback")[:25]:
+                lines.append(f"{stat.size / 2**20:8.1f} MB {stat.count:8d} blocks")
+                lines += [f"      {frame}" for frame in stat.traceback.format()[-12:]]
+            with open(out, "w") as file:
+                file.write("\n".join(lines))
+
+    threading.Thread(target=watch, daemon=True).start()
+

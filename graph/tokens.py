@@ -117,7 +117,12 @@ def encoding_for(model: str) -> tiktoken.Encoding:
     """Loaded tiktoken encoding for `model`; raises TokenizerFilesError rather than download."""
     name = encoding_name_for(model)
     verify_encoding_files(name)
-    return tiktoken.get_encoding(name)
+    encoding = tiktoken.get_encoding(name)
+    # The Rust tokenizer holds its own copy of the vocabulary; tiktoken keeps the Python dict it
+    # was built from (200k bytes keys, ~27 MB for o200k_base) only to pickle the encoding
+    # (tiktoken/core.py __getstate__), which counting never does.
+    encoding._mergeable_ranks = {}
+    return encoding
 
 
 def count_tokens(text: str, model: str) -> int:
