@@ -168,11 +168,12 @@ def open_session_for(conn: Connection, user_id: int, chat_id: int) -> Row[Any] |
 
 
 def open_session(
-    conn: Connection, user_id: int, chat_id: int, role: str, now: dt.datetime
+    conn: Connection, user_id: int, chat_id: int, role: str, now: dt.datetime,
+    title: str | None = None,
 ) -> Row[Any]:
     """Start a session; when another update opened one first, that one is returned."""
     conn.execute(_sql(conn).add_session, {
-        "user_id": user_id, "chat_id": chat_id, "role": role, "status": "open",
+        "user_id": user_id, "chat_id": chat_id, "role": role, "title": title, "status": "open",
         "started_at": now, "last_activity_at": now,
     })
     row = open_session_for(conn, user_id, chat_id)
@@ -302,6 +303,16 @@ def settle(conn: Connection, reservation_id: str, actual: int | None) -> int | N
         "charge": charge,
     })
     return charge
+
+
+def charge(conn: Connection, user_id: int, tokens: int, now: dt.datetime) -> None:
+    """Charge work that is not refused for budget (a session's summary)."""
+    sql = _sql(conn)
+    today = utc_day(now)
+    conn.execute(sql.add_day, {"user_id": user_id, "day": today, "used": 0, "reserved": 0})
+    conn.execute(sql.charge_reserved, {
+        "ledger_user": user_id, "today": today, "released": 0, "charge": tokens,
+    })
 
 
 # --- the inbox ----------------------------------------------------------------------------

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from typing import Any, Sequence, TypeVar
 
 from sqlalchemy import Connection, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -30,12 +28,6 @@ __all__ = ["Budget", "Inbox", "Memories", "Messages", "OverBudget", "Reserved", 
            "Traces", "Users", "next_reset", "utc_day"]
 
 T = TypeVar("T")
-
-
-def _insert(db: AsyncSession, model: type) -> Any:
-    """A dialect insert, so ON CONFLICT works on both PostgreSQL and SQLite."""
-    dialect = db.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
 def utc_day(now: dt.datetime | None = None) -> dt.date:
@@ -66,10 +58,7 @@ class Users:
         user = await self.db.get(User, user_id)
         if user is not None:
             return user
-        stmt = _insert(self.db, User).values(
-            id=user_id, language=(language or "en")[:16], created_at=utcnow(), updated_at=utcnow()
-        )
-        await self.db.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+        await _on_connection(self.db, lambda c: core.ensure_user(c, user_id, language, utcnow()))
         user = await self.db.get(User, user_id, populate_existing=True)
         assert user is not None
         return user
@@ -109,19 +98,11 @@ class Sessions:
 
     async def open(self, user_id: int, chat_id: int, role: str, title: str | None) -> ChatSession:
         """Start a session; when another update opened one first, that one is returned."""
-        now = utcnow()
-        session = ChatSession(
-            user_id=user_id, chat_id=chat_id, role=role, title=title, status="open",
-            started_at=now, last_activity_at=now,
+        row = await _on_connection(
+            self.db, lambda c: core.open_session(c, user_id, chat_id, role, utcnow(), title)
         )
-        try:
-            async with self.db.begin_nested():
-                self.db.add(session)
-        except IntegrityError:
-            existing = await self.open_for(user_id, chat_id)
-            if existing is None:
-                raise
-            return existing
+        session = await self.db.get(ChatSession, row.id)
+        assert session is not None
         return session
 
     async def touch(self, session_id: int, now: dt.datetime | None = None) -> None:
@@ -259,17 +240,7 @@ class Budget:
 
     async def charge(self, user_id: int, tokens: int, now: dt.datetime | None = None) -> None:
         """Charge work that is not refused for budget (a session's summary)."""
-        day = utc_day(now)
-        await self.db.execute(
-            _insert(self.db, UsageDay)
-            .values(user_id=user_id, day=day, used=0, reserved=0)
-            .on_conflict_do_nothing(index_elements=["user_id", "day"])
-        )
-        await self.db.execute(
-            update(UsageDay)
-            .where(UsageDay.user_id == user_id, UsageDay.day == day)
-            .values(used=UsageDay.used + tokens)
-        )
+        await _on_connection(self.db, lambda c: core.charge(c, user_id, tokens, now or utcnow()))
 
     async def expired(self, now: dt.datetime | None = None) -> list[str]:
         stmt = select(Reservation.id).where(Reservation.expires_at < (now or utcnow()))
