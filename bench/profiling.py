@@ -145,6 +145,10 @@ def cpu_tables(path: Path, top: int = 25, focus: tuple[str, ...] = ()) -> dict[s
     }
 
 
+MODEL = "model client (openai SDK + langchain + HTTP transport)"
+TELEGRAM = "Telegram client (aiogram + aiohttp)"
+SHARED_TRANSPORT = ("aiohttp/", "multidict/", "yarl/")  # aiogram's and the model client's
+
 # Leaf-first: a sample belongs to the most specific layer on its stack. Generic layers
 # (pydantic, asyncio, typing...) are skipped so that e.g. pydantic inside aiogram counts as
 # aiogram and pydantic inside the openai SDK counts as the model client.
@@ -154,10 +158,10 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("answer formatting", ("handlers/formatting.py",)),
     ("database (SQLAlchemy + driver)", ("sqlalchemy/", "aiosqlite/", "asyncpg/", "greenlet",
                                         "storage/", "sqlite3/", "<sqlalchemy")),
-    ("model client (openai SDK + langchain + httpx)", (
+    (MODEL, (
         "openai/", "httpx2/", "httpcore2/", "httpx/", "httpcore/", "h11/", "anyio/",
         "langchain_openai/", "langchain_core/", "jiter", "graph/model.py")),
-    ("Telegram client (aiogram + aiohttp)", ("aiogram/", "aiohttp/", "multidict/", "yarl/",
+    (TELEGRAM, ("aiogram/", "aiohttp/", "multidict/", "yarl/",
                                              "handlers/flood.py", "handlers/streaming.py")),
     ("LangGraph", ("pregel/", "_internal/", "channels/", "langgraph/", "graph/state.py",
                    "managed/")),
@@ -187,6 +191,10 @@ def categorise(path: Path) -> dict[str, float]:
     return dict(counts.most_common())
 
 
+def _under_model(frames: list[tuple[str, str, str]]) -> bool:
+    return any(_short(file).startswith(("openai/", "graph/model.py")) for _f, file, _l in frames)
+
+
 def _category(frames: list[tuple[str, str, str]]) -> str:
     for func, file, _line in reversed(frames):
         short = _short(file)
@@ -202,6 +210,8 @@ def _category(frames: list[tuple[str, str, str]]) -> str:
             if any(short.startswith(m) for m in markers):
                 if name == "LangGraph" and is_project(file, func):
                     break
+                if name == TELEGRAM and short.startswith(SHARED_TRANSPORT) and _under_model(frames):
+                    return MODEL  # the openai SDK's aiohttp transport, not aiogram's
                 return name
         if is_project(file, func):
             return f"project code ({short.split('/', 1)[0]})"

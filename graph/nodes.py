@@ -15,9 +15,8 @@ from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
 from memory.base import MemoryHit, MemoryItem
-from storage.core import HistoryEntry
 from storage import turns
-from storage.core import OverBudget
+from storage.core import HistoryEntry, OverBudget
 from storage.repositories import Budget, Messages, Sessions
 
 log = logging.getLogger(__name__)
