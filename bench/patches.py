@@ -437,3 +437,20 @@ def tracemalloc_peak() -> None:
 
     threading.Thread(target=watch, daemon=True).start()
 
+
+
+@patch("pg_persist_in_steps",
+       "persist on PostgreSQL as six statements (SQLite's way) instead of one statement of "
+       "data-modifying CTEs (storage/core.py record_turn): prices the round trips")
+def pg_persist_in_steps() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    from storage import core
+
+    original = core._statements  # noqa: SLF001 - the experiment's switch
+    steps = core._Statements(postgresql.insert)  # noqa: SLF001
+
+    def statements(dialect: str) -> core._Statements:  # noqa: SLF001
+        return steps if dialect == "postgresql" else original(dialect)
+
+    core._statements = statements  # type: ignore[assignment]  # noqa: SLF001

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.models import ChatSession, InboxUpdate, Message, Reservation, UsageDay, User
@@ -44,7 +44,9 @@ def next_reset(now: dt.datetime) -> dt.datetime:
 
 @cache
 def _statements(dialect: str) -> _Statements:
-    return _Statements(postgresql.insert if dialect == "postgresql" else sqlite.insert)
+    if dialect == "postgresql":
+        return _PostgresStatements(postgresql.insert)
+    return _Statements(sqlite.insert)
 
 
 def _sql(conn: Connection) -> _Statements:
@@ -142,6 +144,60 @@ class _Statements:
         )
 
 
+class _PostgresStatements(_Statements):
+    """PostgreSQL runs data-modifying CTEs: what a finished turn writes is one round trip."""
+
+    def __init__(self, dialect_insert: Any) -> None:
+        super().__init__(dialect_insert)
+        self.record_answer = self._record_turn(with_answer=True)
+        self.record_failure = self._record_turn(with_answer=False)
+
+    @staticmethod
+    def _record_turn(*, with_answer: bool) -> Any:
+        """The question's status, the settled reservation, the session's activity and the update
+        marked done (and the answer): the rows found as the question's, so 0 means it is gone.
+        The sub-statements touch different rows; the charge reads the claimed reservation
+        through RETURNING, as storage/core.py settle() does in two steps."""
+        question = (
+            update(messages).where(messages.c.id == bindparam("question_id"))
+            .values(status=bindparam("question_status")).returning(messages.c.id).cte("question")
+        )
+        claimed = (
+            delete(reservations).where(reservations.c.id == bindparam("reservation_id"))
+            .returning(reservations.c.user_id, reservations.c.day, reservations.c.amount)
+            .cte("claimed")
+        )
+        charged = (
+            update(usage_days)
+            .where(usage_days.c.user_id == claimed.c.user_id, usage_days.c.day == claimed.c.day)
+            .values(
+                reserved=usage_days.c.reserved - claimed.c.amount,
+                used=usage_days.c.used + bindparam("charge"),
+            )
+            .returning(usage_days.c.day).cte("charged")
+        )
+        touched = (
+            update(chat_sessions).where(chat_sessions.c.id == bindparam("touched_session"))
+            .values(last_activity_at=bindparam("now")).returning(chat_sessions.c.id).cte("touched")
+        )
+        done = (
+            update(inbox).where(inbox.c.update_id == bindparam("done_id"))
+            .values(state="done", payload=None, attempts=inbox.c.attempts + 1)
+            .returning(inbox.c.update_id).cte("done")
+        )
+        writes = [claimed, charged, touched, done]
+        if with_answer:
+            writes.append(insert(messages).values(
+                session_id=bindparam("touched_session"), user_id=bindparam("answer_user"),
+                chat_id=bindparam("answer_chat"), role="assistant", text=bindparam("answer_text"),
+                status=bindparam("answer_status"), prompt_tokens=bindparam("answer_prompt"),
+                completion_tokens=bindparam("answer_completion"),
+                reply_to=bindparam("question_id"), created_at=bindparam("now"),
+            ).returning(messages.c.id).cte("answer"))
+        # add_cte: the writes run although the SELECT does not read them.
+        return select(func.count()).select_from(question).add_cte(*writes)
+
+
 # --- users and sessions -------------------------------------------------------------------
 
 
@@ -221,6 +277,55 @@ def set_status(conn: Connection, message_id: int, status: str) -> bool:
     """False when the message is gone (deleted with its user)."""
     done = conn.execute(_sql(conn).set_status, {"message_id": message_id, "new_status": status})
     return bool(done.rowcount)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """What a finished turn writes: the answer (if any text came), the charge, the inbox row."""
+
+    user_id: int
+    chat_id: int
+    session_id: int
+    question_id: int
+    update_id: int | None
+    reservation_id: str
+    charged: int
+    text: str
+    complete: bool
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
+    """The answer (or the question marked failed), the real charge, the session's activity and
+    the update marked done. False when the question is gone: the caller rolls back. An answer
+    to a deleted question fails on its foreign keys (IntegrityError)."""
+    sql = _sql(conn)
+    status = "complete" if turn.complete else "partial"
+    if isinstance(sql, _PostgresStatements):
+        found = conn.execute(sql.record_answer if turn.text else sql.record_failure, {
+            "question_id": turn.question_id,
+            "question_status": "answered" if turn.text else "failed",
+            "reservation_id": turn.reservation_id, "charge": turn.charged,
+            "touched_session": turn.session_id, "now": now, "done_id": turn.update_id,
+            "answer_user": turn.user_id, "answer_chat": turn.chat_id, "answer_text": turn.text,
+            "answer_status": status, "answer_prompt": turn.prompt_tokens,
+            "answer_completion": turn.completion_tokens,
+        }).scalar_one()
+        return found == 1
+    if turn.text:
+        add_answer(
+            conn, question_id=turn.question_id, session_id=turn.session_id,
+            user_id=turn.user_id, chat_id=turn.chat_id, text=turn.text, status=status,
+            prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens, now=now,
+        )
+    elif not set_status(conn, turn.question_id, "failed"):
+        return False
+    settle(conn, turn.reservation_id, turn.charged)
+    touch_session(conn, turn.session_id, now)
+    if turn.update_id is not None:
+        mark_update_done(conn, turn.update_id)
+    return True
 
 
 class HistoryEntry(NamedTuple):

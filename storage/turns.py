@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from storage import core
-from storage.core import HistoryEntry, OverBudget, Reserved
+from storage.core import HistoryEntry, OverBudget, Reserved, TurnRecord
 from storage.models import utcnow
 
 
@@ -104,46 +104,14 @@ async def reserve(
     return await db.run_sync(run)
 
 
-@dataclass(frozen=True)
-class TurnRecord:
-    """What persist writes: the answer (if any text came), the charge, the inbox row."""
-
-    user_id: int
-    chat_id: int
-    session_id: int
-    question_id: int
-    update_id: int | None
-    reservation_id: str
-    charged: int
-    text: str
-    complete: bool
-    prompt_tokens: int
-    completion_tokens: int
-
-
-async def persist(db: AsyncSession, outcome: TurnRecord) -> bool:
-    """The answer, the real charge, the session's activity and the update marked done, in one
-    commit. False (nothing written) when the question is gone; an answer to a deleted question
-    raises IntegrityError (its foreign keys)."""
+async def persist(db: AsyncSession, turn: TurnRecord) -> bool:
+    """What a finished turn writes, in one commit (storage/core.py record_turn). False (nothing
+    written) when the question is gone; an answer to a deleted question raises IntegrityError."""
 
     def run(session: Session) -> bool:
-        conn = session.connection()
-        now = utcnow()
-        if outcome.text:
-            core.add_answer(
-                conn, question_id=outcome.question_id, session_id=outcome.session_id,
-                user_id=outcome.user_id, chat_id=outcome.chat_id, text=outcome.text,
-                status="complete" if outcome.complete else "partial",
-                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                now=now,
-            )
-        elif not core.set_status(conn, outcome.question_id, "failed"):
+        if not core.record_turn(session.connection(), turn, utcnow()):
             session.rollback()
             return False
-        core.settle(conn, outcome.reservation_id, outcome.charged)
-        core.touch_session(conn, outcome.session_id, now)
-        if outcome.update_id is not None:  # done with the answer, in the same commit
-            core.mark_update_done(conn, outcome.update_id)
         session.commit()
         return True
 

@@ -261,3 +261,42 @@ async def test_every_run_leaves_a_trace_without_text(
         "retrieve_memory", "apply_persona", "reserve_budget", "call_model", "persist"
     ]
     assert trace.input_tokens > 0 and "canary" not in str(trace.nodes)
+
+
+async def _count_rows(sessions: async_sessionmaker[AsyncSession], user_id: int) -> dict[str, int]:
+    async with sessions() as db:
+        return {
+            "messages": len((await db.execute(select(Message).where(Message.user_id == user_id))).all()),
+            "usage_days": len((await db.execute(select(UsageDay).where(UsageDay.user_id == user_id))).all()),
+        }
+
+
+async def test_data_deleted_while_the_model_answers_writes_nothing_back(
+    agent: Agent, fake_openai: FakeOpenAI, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """persist finds the question gone: the answer, charge and activity are not written."""
+    await say(agent, 21, "first")  # the user and their ledger exist
+    fake_openai.hold()
+    turn = asyncio.ensure_future(say(agent, 21, "second"))
+    await fake_openai.wait_for_requests(2)
+    receipt = await agent.delete_data(21)
+    assert receipt.messages >= 3
+    fake_openai.release()
+    assert final(await turn) == Failure("deleted")
+    assert await _count_rows(sessions, 21) == {"messages": 0, "usage_days": 0}
+
+
+async def test_data_deleted_while_the_model_fails_writes_nothing_back(
+    agent_factory, fake_openai: FakeOpenAI, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The failure path (no text): the question's status cannot be set, nothing is kept."""
+    agent = agent_factory(model_max_attempts=1)
+    await say(agent, 22, "first")
+    fake_openai.fail_next("server_error", status=503)
+    fake_openai.hold()
+    turn = asyncio.ensure_future(say(agent, 22, "second"))
+    await fake_openai.wait_for_requests(2)
+    await agent.delete_data(22)
+    fake_openai.release()
+    assert final(await turn) == Failure("deleted")
+    assert await _count_rows(sessions, 22) == {"messages": 0, "usage_days": 0}
