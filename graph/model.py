@@ -117,7 +117,7 @@ class ModelGateway:
 
     The transport is the SDK's aiohttp one (openai.DefaultAioHttpClient): a streamed answer is
     one read per token, and aiohttp's C parser reads each for about half of httpx's CPU
-    (bench/README: model client).
+    (README, Benchmarks).
     """
 
     def __init__(
