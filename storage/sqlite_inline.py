@@ -243,13 +243,13 @@ class Checkpointer:
 async def connect(path: str, *, busy_timeout: float = 30.0) -> Connection:
     """A connection whose statements run on the calling (event loop) thread."""
     in_memory = path == ":memory:" or path.startswith("file::memory:")
+    # timeout=0 is SQLite's busy timeout: a held lock fails at once, and _until_unlocked waits.
     connection = sqlite3.connect(path, timeout=0, check_same_thread=False, isolation_level="")
+    if in_memory:
+        return Connection(connection, busy_timeout, None)
     try:
-        connection.execute("PRAGMA busy_timeout=0")
-        if not in_memory:
-            connection.execute("PRAGMA wal_autocheckpoint=0")
+        connection.execute("PRAGMA wal_autocheckpoint=0")
     except BaseException:
         connection.close()
         raise
-    checkpointer = None if in_memory else Checkpointer.acquire(path)
-    return Connection(connection, busy_timeout, checkpointer)
+    return Connection(connection, busy_timeout, Checkpointer.acquire(path))
