@@ -5,6 +5,8 @@ Environment (besides the bot's own settings):
   BENCH_PROFILE  output path prefix: pyinstrument over the measured phase, written to
                  <prefix>.txt / .html (pyinstrument is needed only then)
   BENCH_SQL      output path: SQL statements and commits counted over the measured phase (JSON)
+  BENCH_GC       output path: the cyclic collector's runs, total and longest pause per
+                 generation over the measured phase (JSON)
 The driver marks the measured phase with SIGUSR1 (start) and SIGUSR2 (end); the bot itself
 never sees these signals unless one of the probes above is on.
 """
@@ -107,6 +109,42 @@ def install_sql_counter(path: str) -> None:
     _on_end.append(end)
 
 
+def install_gc_probe(path: str) -> None:
+    """Time every cyclic-GC run (gc.callbacks): count, total and longest pause per generation."""
+    import gc
+    import time
+
+    state: dict[str, Any] = {"on": False, "began": 0.0, "runs": {}}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if not state["on"]:
+            return
+        if phase == "start":
+            state["began"] = time.perf_counter()
+            return
+        took = time.perf_counter() - state["began"]
+        runs = state["runs"].setdefault(str(info["generation"]), [0, 0.0, 0.0])
+        runs[0] += 1
+        runs[1] += took
+        runs[2] = max(runs[2], took)
+
+    gc.callbacks.append(callback)
+
+    def start() -> None:
+        state.update(on=True, runs={})
+
+    def end() -> None:
+        state["on"] = False
+        Path(path).write_text(json.dumps({
+            "thresholds": gc.get_threshold(),
+            "generations": {gen: {"runs": n, "total_s": total, "max_s": longest}
+                            for gen, (n, total, longest) in sorted(state["runs"].items())},
+        }, indent=2))
+
+    _on_start.append(start)
+    _on_end.append(end)
+
+
 def _statement_kind(statement: str) -> str:
     words = statement.split()
     verb = words[0].upper() if words else "?"
@@ -134,6 +172,8 @@ def main() -> int:
         install_profiler(prefix)
     if path := os.environ.get("BENCH_SQL"):
         install_sql_counter(path)
+    if path := os.environ.get("BENCH_GC"):
+        install_gc_probe(path)
     if _on_start or _on_end:
         _phase_signals()
     import bot

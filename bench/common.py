@@ -360,12 +360,18 @@ class BotProcess:
 
     def cpu_seconds(self, task: int | None = None) -> float:
         """user + system CPU so far: the whole process, or one thread (task id)."""
+        user, system = self.cpu_split(task)
+        return user + system
+
+    def cpu_split(self, task: int | None = None) -> tuple[float, float]:
+        """(user, system) CPU seconds so far: system is the kernel working for the bot (syscalls)."""
         path = f"/proc/{self.pid}/stat" if task is None else f"/proc/{self.pid}/task/{task}/stat"
         try:
             fields = Path(path).read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return 0.0, 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def main_thread_cpu(self) -> float:
         """CPU of the event-loop thread alone (its task id is the pid)."""
@@ -690,17 +696,20 @@ class Phase:
     wall: float = 0.0
     bot_cpu: float = 0.0
     bot_main_cpu: float = 0.0  # the event-loop thread; the rest is aiosqlite's/executor threads
+    bot_system_cpu: float = 0.0  # of bot_cpu: in the kernel (socket and file syscalls, epoll)
     fakes_cpu: float = 0.0
     machine_cpu: float = 0.0
     _t0: float = 0.0
     _bot0: float = 0.0
     _main0: float = 0.0
+    _system0: float = 0.0
     _self0: float = 0.0
     _machine0: float = 0.0
 
     def __enter__(self) -> Phase:
         self._t0, self._bot0, self._self0 = time.monotonic(), self.bot.cpu_seconds(), _self_cpu()
         self._main0 = self.bot.main_thread_cpu()
+        self._system0 = self.bot.cpu_split()[1]
         self._machine0 = machine_busy_seconds()
         return self
 
@@ -708,6 +717,7 @@ class Phase:
         self.wall = time.monotonic() - self._t0
         self.bot_cpu = self.bot.cpu_seconds() - self._bot0
         self.bot_main_cpu = self.bot.main_thread_cpu() - self._main0
+        self.bot_system_cpu = self.bot.cpu_split()[1] - self._system0
         self.fakes_cpu = _self_cpu() - self._self0
         self.machine_cpu = machine_busy_seconds() - self._machine0
 
@@ -717,8 +727,23 @@ class Phase:
 
     def as_dict(self) -> dict[str, float]:
         return {"wall_s": self.wall, "bot_cpu_s": self.bot_cpu,
-                "bot_main_thread_cpu_s": self.bot_main_cpu, "fakes_cpu_s": self.fakes_cpu,
+                "bot_main_thread_cpu_s": self.bot_main_cpu,
+                "bot_system_cpu_s": self.bot_system_cpu, "fakes_cpu_s": self.fakes_cpu,
                 "machine_cpu_s": self.machine_cpu, "others_cores": self.others_cores}
+
+
+def gc_summary(path: Path, messages: int) -> dict[str, Any] | None:
+    """The bot's cyclic-collector runs over a measured phase (bench/botproc.py BENCH_GC)."""
+    if not path.exists() or messages <= 0:
+        return None
+    data = json.loads(path.read_text())
+    generations = data["generations"].values()
+    return {
+        "thresholds": data["thresholds"],
+        "ms_per_message": sum(g["total_s"] for g in generations) * 1000 / messages,
+        "longest_pause_ms": max((g["max_s"] for g in generations), default=0.0) * 1000,
+        "runs_by_generation": {gen: g["runs"] for gen, g in data["generations"].items()},
+    }
 
 
 def _self_cpu() -> float:

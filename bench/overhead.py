@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR, BenchOpenAI, BenchTelegram, BotProcess, Check, Phase, bot_env, checks_table,
-    database, install_cipher, new_key, node_breakdown, pg_available, read_traces, seed_history,
+    database, gc_summary, install_cipher, new_key, node_breakdown, pg_available, read_traces, seed_history,
     seed_memories, set_chunking, summary, table, tag, wait_polling, wait_quiet, workspace,
     write_result,
 )
@@ -113,7 +113,9 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
             extra["bench_profile"] = str(profile)
         if sql is not None:
             extra["bench_sql"] = str(sql)
-        probes = profile is not None or sql is not None
+        gc_path = RESULTS_DIR / f"gc-overhead-{label}.json"
+        gc_path.unlink(missing_ok=True)
+        extra["bench_gc"] = str(gc_path)
         bot = BotProcess(bot_env(tg, ai, db, work, key, **extra),
                          RESULTS_DIR / f"overhead-{label}.log")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -127,15 +129,13 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
             spy = PySpy(bot.pid, pyspy, PYSPY_RATE) if pyspy is not None else None
             if spy is not None:
                 await spy.start()
-            if probes:
-                bot.send_signal(signal.SIGUSR1)
+            bot.send_signal(signal.SIGUSR1)
             with Phase(bot) as phase:
                 names: list[str] = []
                 for round_no in range(1, rounds + 1):
                     names += await sequential(tg, user_ids, round_no, gap)
-            if probes:
-                bot.send_signal(signal.SIGUSR2)
-                await asyncio.sleep(1.5)  # the probes write their reports
+            bot.send_signal(signal.SIGUSR2)
+            await asyncio.sleep(1.5)  # the probes write their reports
             if spy is not None:
                 await spy.stop()
             rss, peak = bot.memory_mb()
@@ -155,12 +155,14 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
         "traces": len(traces), "nodes_ms": node_breakdown(traces), "stages_ms": stages(samples),
         "bot_cpu_ms_per_message": phase.bot_cpu / len(names) * 1000,
         "bot_main_thread_cpu_ms_per_message": phase.bot_main_cpu / len(names) * 1000,
+        "bot_system_cpu_ms_per_message": phase.bot_system_cpu / len(names) * 1000,
         "fakes_cpu_ms_per_message": phase.fakes_cpu / len(names) * 1000,
         "drafts_per_message": sum(s["drafts"] for s in samples) / len(samples),
         "messages_with_a_draft": sum(1 for s in samples if s["drafts"]),
         "over_250ms": slow, "rss_mb": rss, "peak_rss_mb": peak, "phase": phase.as_dict(),
         "load_before_phase_cores": quiet, "history_messages": history,
         "sql_per_message": _sql_per_message(sql, len(names)),
+        "gc": gc_summary(gc_path, len(names)),
     }
 
 
@@ -173,6 +175,12 @@ def _sql_per_message(path: Path | None, messages: int) -> dict[str, Any] | None:
         "savepoints": data["savepoints"] / messages,
         "by_kind": {k: v / messages for k, v in data["statements"].items()},
     }
+
+
+def gc_cell(gc: dict[str, Any] | None) -> str:
+    if gc is None:
+        return "n/a"
+    return f"{gc['ms_per_message']:.2f} ({gc['longest_pause_ms']:.0f})"
 
 
 def label(r: dict[str, Any]) -> str:
@@ -190,12 +198,14 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
             r["messages"], e["p50"], e["p90"], e["p99"],
             e["max"], g.get("p50", float("nan")), g.get("p99", float("nan")),
             r["bot_cpu_ms_per_message"], r["bot_main_thread_cpu_ms_per_message"],
+            r.get("bot_system_cpu_ms_per_message", float("nan")),
             r["fakes_cpu_ms_per_message"], f"{r['drafts_per_message']:.2f}",
             f"{r['phase']['others_cores']:.2f}",
+            gc_cell(r.get("gc")),
         ])
     print(table(["db", "memory", "patches", "msgs", "e2e p50", "p90", "p99", "max", "graph p50",
-                 "graph p99", "bot CPU/msg", "of it loop thread", "fakes CPU/msg", "drafts/msg",
-                 "other load"], rows,
+                 "graph p99", "bot CPU/msg", "of it loop thread", "of it kernel", "fakes CPU/msg", "drafts/msg",
+                 "other load", "GC ms/msg (longest)"], rows,
                 title="Per message, ms (end to end = enqueue -> answer's sendMessage at the fake)"))
     print()
     names = list(results[0]["stages_ms"])

@@ -389,13 +389,13 @@ def sqlite_worker_thread() -> None:
     db.create_engine = partial(db.create_engine, sqlite_on_loop=False)  # type: ignore[assignment]
 
 
-@patch("gc_threshold_high",
-       "a larger young-generation threshold (gc.set_threshold(50_000, 20, 20) after start-up): "
-       "prices the collector's work with many turns in flight")
-def gc_threshold_high() -> None:
-    import gc
+@patch("gc_default_thresholds",
+       "CPython's collector thresholds (700, 10, 10) instead of bot.GC_YOUNG_THRESHOLD after "
+       "start-up: prices the collector's work with many turns in flight")
+def gc_default_thresholds() -> None:
+    import bot
 
-    gc.set_threshold(50_000, 20, 20)
+    bot.GC_YOUNG_THRESHOLD = 700
 
 
 @patch("tracemalloc_peak",
@@ -454,3 +454,4 @@ def pg_persist_in_steps() -> None:
         return steps if dialect == "postgresql" else original(dialect)
 
     core._statements = statements  # type: ignore[assignment]  # noqa: SLF001
+

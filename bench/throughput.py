@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,10 +12,10 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR, BenchOpenAI, BenchTelegram, BotProcess, Check, Phase, bot_env, checks_table,
-    database, install_cipher, new_key, pg_available, seed_history, summary, table, tag,
+    database, gc_summary, install_cipher, new_key, pg_available, seed_history, summary, table, tag,
     wait_polling, wait_quiet, workspace, write_result,
 )
-from bench.overhead import print_cpu_tables
+from bench.overhead import gc_cell, print_cpu_tables
 from bench.profiling import PySpy
 
 EXPLAIN = """\
@@ -76,7 +77,9 @@ async def run_db(kind: str, burst_users: int, slow_users: list[int], timeout: fl
         # Sessions exist already (one exchange each): the burst measures answering, not sign-up.
         await seed_history(db.url, users + warm, 2)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        extra = {"bench_patches": patches} if patches else {}
+        gc_path = RESULTS_DIR / f"gc-throughput-{kind}.json"
+        gc_path.unlink(missing_ok=True)
+        extra = {"bench_gc": str(gc_path), **({"bench_patches": patches} if patches else {})}
         bot = BotProcess(bot_env(tg, ai, db, work, key, **extra),
                          RESULTS_DIR / f"throughput-{kind}.log")
         bot.log_path.write_text("")
@@ -90,14 +93,18 @@ async def run_db(kind: str, burst_users: int, slow_users: list[int], timeout: fl
             spy = PySpy(bot.pid, pyspy) if pyspy is not None else None
             if spy is not None:
                 await spy.start()
+            bot.send_signal(signal.SIGUSR1)  # the collector probe's phase
             with Phase(bot) as phase:
                 out["burst"] = await burst(tg, users[:burst_users], 1, timeout)
+            bot.send_signal(signal.SIGUSR2)
             if spy is not None:
                 await spy.stop()
             out["burst"]["phase"] = phase.as_dict()
             answered = max(out["burst"]["answered"], 1)
             out["burst"]["bot_cpu_ms_per_message"] = phase.bot_cpu / answered * 1000
             out["burst"]["peak_rss_mb"] = bot.memory_mb()[1]
+            await asyncio.sleep(0.5)  # the probe writes its report
+            out["burst"]["gc"] = gc_summary(gc_path, answered)
             ai.first_token_delay = 1.0
             out["slow"] = []
             for round_no, count in enumerate(slow_users, start=2):
@@ -124,9 +131,10 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
         rows.append([r["db"], b["users"], b["answered"], b["all_answered_s"], b["per_s"],
                      b.get("sustained_per_s", float("nan")), b["latency_s"]["p50"],
                      b["latency_s"]["p99"], b["bot_cpu_ms_per_message"],
-                     f"{b['phase']['others_cores']:.2f}", b["peak_rss_mb"]])
+                     f"{b['phase']['others_cores']:.2f}", b["peak_rss_mb"], gc_cell(b.get("gc"))])
     print(table(["db", "users", "answered", "all in (s)", "msg/s", "sustained msg/s",
-                 "latency p50 (s)", "p99 (s)", "bot CPU ms/msg", "other load", "peak RSS MB"],
+                 "latency p50 (s)", "p99 (s)", "bot CPU ms/msg", "other load", "peak RSS MB",
+                 "GC ms/msg (longest pause)"],
                 rows, title="Zero-latency model: N users, one message each, all at once"))
     print()
     rows = []
