@@ -292,6 +292,20 @@ def start_monitoring(settings: Settings) -> None:
         )
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed, asyncio's otherwise (Windows).
+
+    Every message is a dozen socket round trips (Telegram, the model, PostgreSQL) and a few
+    hundred wake-ups: uvloop does that bookkeeping in C, 5-8 % more messages per second
+    (`python -m bench throughput -- --patches asyncio_loop` prices it).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> int:
     global _GC_PAUSED
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -302,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         configure_logging(settings)
         export_tracing_settings(settings)
-        return asyncio.run(run(args, settings))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(run(args, settings))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

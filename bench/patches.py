@@ -455,3 +455,13 @@ def pg_persist_in_steps() -> None:
 
     core._statements = statements  # type: ignore[assignment]  # noqa: SLF001
 
+
+
+
+@patch("asyncio_loop", "asyncio's own event loop instead of uvloop's (bot.new_event_loop)")
+def asyncio_loop() -> None:
+    import asyncio
+
+    import bot
+
+    bot.new_event_loop = asyncio.new_event_loop

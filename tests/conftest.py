@@ -15,6 +15,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from bot import new_event_loop
 from storage import crypto
 from storage.db import create_engine, migrate, session_maker
 from storage.models import Base
@@ -32,6 +33,11 @@ PG_ADMIN_URL = os.environ.get(
     "DESKTOP_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
 REQUIRE_PG = os.environ.get("DESKTOP_REQUIRE_PG") == "1"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on the event loop the bot runs on in production (uvloop's)."""
+    return {"bot_loop": new_event_loop}
 
 
 @pytest.fixture(autouse=True)

@@ -22,3 +22,15 @@ def test_start_up_ends_with_the_collector_running_at_the_bot_thresholds(monkeypa
         gc.unfreeze()
         gc.set_threshold(*before)
         gc.enable()
+
+
+async def test_the_tests_run_on_the_bot_event_loop():
+    import asyncio
+
+    import uvloop
+
+    made_by_the_bot = bot.new_event_loop()
+    try:
+        assert type(asyncio.get_running_loop()) is type(made_by_the_bot) is uvloop.Loop
+    finally:
+        made_by_the_bot.close()
