@@ -439,13 +439,16 @@ def tracemalloc_peak() -> None:
 
 
 
-@patch("pg_persist_in_steps",
-       "persist on PostgreSQL as six statements (SQLite's way) instead of one statement of "
-       "data-modifying CTEs (storage/core.py record_turn): prices the round trips")
-def pg_persist_in_steps() -> None:
+@patch("pg_steps_in_transactions",
+       "the message path on PostgreSQL as SQLite runs it: statement by statement inside BEGIN/"
+       "COMMIT (18 round trips a message) instead of one statement per step without a "
+       "transaction (6; storage/core.py _PostgresStatements, storage/db.py "
+       "each_statement_commits): prices the round trips")
+def pg_steps_in_transactions() -> None:
     from sqlalchemy.dialects import postgresql
+    from sqlalchemy.orm import Session
 
-    from storage import core
+    from storage import core, repositories, turns
 
     original = core._statements  # noqa: SLF001 - the experiment's switch
     steps = core._Statements(postgresql.insert)  # noqa: SLF001
@@ -453,9 +456,12 @@ def pg_persist_in_steps() -> None:
     def statements(dialect: str) -> core._Statements:  # noqa: SLF001
         return steps if dialect == "postgresql" else original(dialect)
 
+    def in_a_transaction(session: Session) -> object:
+        return session.connection()
+
     core._statements = statements  # type: ignore[assignment]  # noqa: SLF001
-
-
+    turns.each_statement_commits = in_a_transaction  # type: ignore[assignment]
+    repositories.each_statement_commits = in_a_transaction  # type: ignore[assignment]
 
 
 @patch("asyncio_loop", "asyncio's own event loop instead of uvloop's (bot.new_event_loop)")

@@ -83,16 +83,21 @@ class Delivery:
 
     async def accept(self, updates: Iterable[Update]) -> list[Update]:
         """Store a batch durably; returns the updates seen for the first time, in order."""
-        fresh = []
+        updates = list(updates)
+        rows = [
+            (update.update_id, user_of(update), chat_key(update),
+             update.model_dump_json(exclude_none=True))
+            for update in updates
+        ]
         async with self.sessions() as db:
-            inbox = Inbox(db)
-            for update in updates:
-                payload = update.model_dump_json(exclude_none=True)
-                if await inbox.store(update.update_id, user_of(update), chat_key(update), payload):
-                    fresh.append(update)
-                else:
-                    log.info("update %s redelivered: already taken in", update.update_id)
+            stored = await Inbox(db).store_each(rows)
             await db.commit()
+        fresh = []
+        for update, first_time in zip(updates, stored, strict=True):
+            if first_time:
+                fresh.append(update)
+            else:
+                log.info("update %s redelivered: already taken in", update.update_id)
         return fresh
 
     def dispatch(self, update: Update) -> asyncio.Task[None]:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection, Row, bindparam, delete, exists, func, insert, select, true, update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.models import ChatSession, InboxUpdate, Message, Reservation, UsageDay, User
@@ -61,6 +63,17 @@ class _Statements:
             users.c.id == bindparam("user_id")
         )
         self.add_user = dialect_insert(users).on_conflict_do_nothing(index_elements=["id"])
+        # What a message needs of its user and of the open session in its chat, in one read.
+        self.user_and_session = (
+            select(
+                users.c.id, users.c.role, users.c.instructions, users.c.language,
+                chat_sessions.c.id.label("session_id"), chat_sessions.c.role.label("session_role"),
+            )
+            .select_from(users.outerjoin(chat_sessions, (chat_sessions.c.user_id == users.c.id)
+                                         & (chat_sessions.c.chat_id == bindparam("chat_id"))
+                                         & (chat_sessions.c.status == "open")))
+            .where(users.c.id == bindparam("user_id"))
+        )
 
         self.open_session = select(chat_sessions.c.id, chat_sessions.c.role).where(
             chat_sessions.c.user_id == bindparam("user_id"),
@@ -145,12 +158,83 @@ class _Statements:
 
 
 class _PostgresStatements(_Statements):
-    """PostgreSQL runs data-modifying CTEs: what a finished turn writes is one round trip."""
+    """PostgreSQL runs data-modifying CTEs: each step of a message is one round trip.
+
+    A statement is atomic on its own, so the message path runs these without BEGIN/COMMIT
+    (storage/turns.py): storing the question, admitting the reservation and recording the turn
+    are each one statement, where a transaction of steps took five to seven round trips.
+    """
 
     def __init__(self, dialect_insert: Any) -> None:
         super().__init__(dialect_insert)
+        self.ask = self._ask()
+        self.admit_and_hold = self._admit_and_hold()
         self.record_answer = self._record_turn(with_answer=True)
         self.record_failure = self._record_turn(with_answer=False)
+
+    @staticmethod
+    def _ask() -> Any:
+        """The question stored (unless its update was stored before), the session touched, and
+        the session's history: rows (question id, history entry or NULLs), newest entry first.
+        No row: a redelivery, nothing written. The history cannot contain the new question:
+        every part of one statement reads the snapshot taken before it."""
+        question = (
+            postgresql.insert(messages).values(
+                session_id=bindparam("q_session"), user_id=bindparam("q_user"),
+                chat_id=bindparam("q_chat"), role="user", text=bindparam("q_text"),
+                status="pending", prompt_tokens=bindparam("q_tokens"), completion_tokens=0,
+                update_id=bindparam("q_update"), created_at=bindparam("now"),
+            )
+            .on_conflict_do_nothing(index_elements=["update_id"])
+            .returning(messages.c.id).cte("question")
+        )
+        touched = (
+            update(chat_sessions)
+            .where(chat_sessions.c.id == bindparam("q_session"), exists(select(question.c.id)))
+            .values(last_activity_at=bindparam("now")).returning(chat_sessions.c.id).cte("touched")
+        )
+        past = (
+            select(messages.c.id, messages.c.role, messages.c.text, messages.c.prompt_tokens,
+                   messages.c.completion_tokens)
+            .where(messages.c.session_id == bindparam("q_session"),
+                   messages.c.status.in_(ANSWERED_STATUSES))
+            .order_by(messages.c.id.desc()).limit(bindparam("limit")).subquery("past")
+        )
+        return (
+            select(question.c.id, past.c.role, past.c.text, past.c.prompt_tokens,
+                   past.c.completion_tokens)
+            .select_from(question.outerjoin(past, true()))
+            .order_by(past.c.id.desc())
+            .add_cte(touched)
+        )
+
+    @staticmethod
+    def _admit_and_hold() -> Any:
+        """The admission UPDATE and the reservation row in one statement: both or neither."""
+        admitted = (
+            update(usage_days)
+            .where(
+                usage_days.c.user_id == bindparam("ledger_user"),
+                usage_days.c.day == bindparam("today"),
+                usage_days.c.used + usage_days.c.reserved + bindparam("amount") <= bindparam("limit"),
+            )
+            .values(reserved=usage_days.c.reserved + bindparam("amount"))
+            .returning(usage_days.c.used).cte("admitted")
+        )
+        held = select(
+            bindparam("reservation_id", type_=reservations.c.id.type),
+            bindparam("ledger_user", type_=reservations.c.user_id.type),
+            bindparam("today", type_=reservations.c.day.type),
+            bindparam("amount", type_=reservations.c.amount.type),
+            bindparam("now", type_=reservations.c.created_at.type),
+            bindparam("expires_at", type_=reservations.c.expires_at.type),
+        ).select_from(admitted)
+        hold = (
+            insert(reservations)
+            .from_select(["id", "user_id", "day", "amount", "created_at", "expires_at"], held)
+            .returning(reservations.c.id).cte("hold")
+        )
+        return select(admitted.c.used).add_cte(hold)
 
     @staticmethod
     def _record_turn(*, with_answer: bool) -> Any:
@@ -218,6 +302,14 @@ def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.da
     return row
 
 
+def user_and_session(conn: Connection, user_id: int, chat_id: int) -> Row[Any] | None:
+    """(id, role, instructions, language, session_id, session_role) of the user and of their
+    open session in this chat (session columns None when there is none); None: no such user."""
+    return conn.execute(
+        _sql(conn).user_and_session, {"user_id": user_id, "chat_id": chat_id}
+    ).first()
+
+
 def open_session_for(conn: Connection, user_id: int, chat_id: int) -> Row[Any] | None:
     """The (id, role) of the user's open session in this chat."""
     return conn.execute(_sql(conn).open_session, {"user_id": user_id, "chat_id": chat_id}).first()
@@ -257,6 +349,33 @@ def add_question(
     sql = _sql(conn)
     statement = sql.add_question if update_id is not None else sql.add_message
     return conn.execute(statement, values).scalar_one_or_none()
+
+
+def ask_in_session(
+    conn: Connection, *, session_id: int, user_id: int, chat_id: int, text: str,
+    update_id: int | None, tokens: int, now: dt.datetime, history_limit: int,
+) -> tuple[int, list[HistoryEntry]] | None:
+    """The question stored, the session touched and its history read in one statement where the
+    dialect can (PostgreSQL), in three otherwise: (question id, history oldest first), or None
+    when this update was stored before (nothing written)."""
+    sql = _sql(conn)
+    if not isinstance(sql, _PostgresStatements):
+        question_id = add_question(
+            conn, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
+            update_id=update_id, tokens=tokens, now=now,
+        )
+        if question_id is None:
+            return None
+        touch_session(conn, session_id, now)
+        return question_id, history(conn, session_id, history_limit, question_id)
+    rows = conn.execute(sql.ask, {
+        "q_session": session_id, "q_user": user_id, "q_chat": chat_id, "q_text": text,
+        "q_tokens": tokens, "q_update": update_id, "now": now, "limit": history_limit,
+    }).all()
+    if not rows:
+        return None
+    entries = [HistoryEntry(*row[1:]) for row in rows if row[1] is not None]
+    return rows[0][0], entries[::-1]
 
 
 def add_answer(
@@ -378,17 +497,23 @@ def reserve(
     today = utc_day(now)
     if not day_exists:
         conn.execute(sql.add_day, {"user_id": user_id, "day": today, "used": 0, "reserved": 0})
-    admitted = conn.execute(
-        sql.admit, {"ledger_user": user_id, "today": today, "amount": amount, "limit": limit}
-    ).first()
+    reservation_id = str(uuid.uuid4())
+    expires_at = now + dt.timedelta(seconds=ttl_seconds)
+    ask = {"ledger_user": user_id, "today": today, "amount": amount, "limit": limit}
+    if isinstance(sql, _PostgresStatements):
+        admitted = conn.execute(sql.admit_and_hold, {
+            **ask, "reservation_id": reservation_id, "now": now, "expires_at": expires_at,
+        }).first()
+    else:
+        admitted = conn.execute(sql.admit, ask).first()
+        if admitted is not None:
+            conn.execute(sql.add_reservation, {
+                "id": reservation_id, "user_id": user_id, "day": today, "amount": amount,
+                "created_at": now, "expires_at": expires_at,
+            })
     if admitted is None:
         row = conn.execute(sql.day, {"user_id": user_id, "today": today}).one()
         return OverBudget(row.used, row.reserved, limit, next_reset(now))
-    reservation_id = str(uuid.uuid4())
-    conn.execute(sql.add_reservation, {
-        "id": reservation_id, "user_id": user_id, "day": today, "amount": amount,
-        "created_at": now, "expires_at": now + dt.timedelta(seconds=ttl_seconds),
-    })
     return Reserved(reservation_id, amount, today)
 
 

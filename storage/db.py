@@ -14,6 +14,7 @@ from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -92,6 +93,17 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
 
 def session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def each_statement_commits(session: Session) -> Connection:
+    """The session's connection; on PostgreSQL, without a transaction: each statement commits.
+
+    For work whose statements are each complete on their own (storage/turns.py): on
+    PostgreSQL a transaction costs a round trip to open (BEGIN) and one to commit. Call before
+    the session's first statement; its commit() then ends the connection's use."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return session.connection()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from storage import core
 from storage.core import OverBudget, Reserved
+from storage.db import each_statement_commits
 from storage.models import (
     ChatSession,
     MemoryRecord,
@@ -325,6 +326,18 @@ class Inbox:
         return await _on_connection(self.db, lambda c: core.store_update(
             c, update_id, user_id, chat_id, payload, utcnow()
         ))
+
+    async def store_each(self, updates: list[tuple[int, int | None, int | None, str]]) -> list[bool]:
+        """Store (update id, user, chat, payload) each; True for those seen for the first time.
+
+        Each insert is complete on its own (a redelivery is recognised by its id), so on
+        PostgreSQL they run without BEGIN/COMMIT round trips; call on a fresh session."""
+        def run(session: Session) -> list[bool]:
+            conn = each_statement_commits(session)
+            now = utcnow()
+            return [core.store_update(conn, *update, now) for update in updates]
+
+        return await self.db.run_sync(run)
 
     async def mark_done(self, update_id: int) -> None:
         """Processed: the text goes, the id stays (to recognise a redelivery)."""

@@ -1,11 +1,16 @@
-"""The message path's three transactions, each one `run_sync` call: store, reserve, persist.
+"""The message path's three steps, each one `run_sync` call: store, reserve, persist.
 
 Each runs storage/core.py statements back to back on one connection and commits, so a message
 crosses into SQLAlchemy's greenlet three times in all, not once per statement.
+
+On PostgreSQL each step is one or two statements, each atomic on its own (storage/core.py
+_PostgresStatements), and they run without BEGIN/COMMIT: a transaction there is a round trip to
+open and one to commit, with nothing to make atomic that the statement does not already.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from storage import core
 from storage.core import HistoryEntry, OverBudget, Reserved, TurnRecord
+from storage.db import each_statement_commits
 from storage.models import utcnow
 
 
@@ -42,8 +48,32 @@ class StoredQuestion:
 def _store_question(
     session: Session, new: NewQuestion, choose_role: Callable[[str | None], str]
 ) -> StoredQuestion | None:
-    conn = session.connection()
     now = utcnow()
+    # The usual case, a known user in an open session: one read, then one write.
+    conn = each_statement_commits(session)
+    known = core.user_and_session(conn, new.user_id, new.chat_id)
+    if known is not None and known.session_id is not None:
+        asked = core.ask_in_session(
+            conn, session_id=known.session_id, user_id=new.user_id, chat_id=new.chat_id,
+            text=new.text, update_id=new.update_id, tokens=new.tokens, now=now,
+            history_limit=new.history_limit,
+        )
+        session.commit()
+        if asked is None:
+            return None  # a redelivery
+        question_id, history = asked
+        return StoredQuestion(
+            known.session_id, known.session_role, question_id, known.instructions, history
+        )
+    session.commit()  # ends the statement-by-statement connection, if any
+    return _store_opening(session, new, choose_role, now)
+
+
+def _store_opening(
+    session: Session, new: NewQuestion, choose_role: Callable[[str | None], str], now: dt.datetime
+) -> StoredQuestion | None:
+    """A new user or no open session: created with the question, in one transaction."""
+    conn = session.connection()
     user = core.ensure_user(conn, new.user_id, new.language, now)
     chat_session = core.open_session_for(conn, new.user_id, new.chat_id)
     started = chat_session is None
@@ -67,9 +97,9 @@ def _store_question(
 async def store_question(
     db: AsyncSession, new: NewQuestion, choose_role: Callable[[str | None], str]
 ) -> StoredQuestion | None:
-    """Store the message (and its user and session, when new) and read the session's history,
-    in one transaction; None when the update was stored before. choose_role(the user's role)
-    names the role of a session this message opens."""
+    """Store the message (and its user and session, when new) and read the session's history;
+    None when the update was stored before. choose_role(the user's role) names the role of a
+    session this message opens."""
     return await db.run_sync(_store_question, new, choose_role)
 
 
@@ -85,10 +115,10 @@ async def reserve(
     db: AsyncSession, ask: BudgetAsk, size: Callable[[int], tuple[int, int]]
 ) -> tuple[Reserved | OverBudget, int]:
     """Reserve what size(tokens left today) asks for -> (amount, max_tokens); a refusal marks
-    the question refused in the same commit. Returns the outcome and max_tokens."""
+    the question refused. Returns the outcome and max_tokens."""
 
     def run(session: Session) -> tuple[Reserved | OverBudget, int]:
-        conn = session.connection()
+        conn = each_statement_commits(session)
         now = utcnow()
         remaining, day_exists = core.left_today(conn, ask.user_id, ask.limit, now)
         amount, max_tokens = size(remaining)
@@ -105,11 +135,11 @@ async def reserve(
 
 
 async def persist(db: AsyncSession, turn: TurnRecord) -> bool:
-    """What a finished turn writes, in one commit (storage/core.py record_turn). False (nothing
+    """What a finished turn writes, all or nothing (storage/core.py record_turn). False (nothing
     written) when the question is gone; an answer to a deleted question raises IntegrityError."""
 
     def run(session: Session) -> bool:
-        if not core.record_turn(session.connection(), turn, utcnow()):
+        if not core.record_turn(each_statement_commits(session), turn, utcnow()):
             session.rollback()
             return False
         session.commit()

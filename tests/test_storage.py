@@ -7,13 +7,15 @@ import datetime as dt
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from storage import crypto
+from storage import crypto, turns
+from storage.core import TurnRecord
 from storage.data_rights import delete_user, export_user
 from storage.repositories import Budget, Inbox, Messages, OverBudget, Reserved, Sessions, Users
 from storage.rotation import rotate_all
@@ -263,3 +265,97 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced_not_raised(
             assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() != pooled_pid
     finally:
         await engine.dispose()
+
+
+def _question(user_id: int, update_id: int | None, text: str) -> turns.NewQuestion:
+    return turns.NewQuestion(user_id=user_id, chat_id=user_id, text=text, update_id=update_id,
+                             tokens=3, language="en", history_limit=4)
+
+
+async def _answer(sessions: async_sessionmaker[AsyncSession], stored: turns.StoredQuestion,
+                  user_id: int, update_id: int, text: str) -> None:
+    async with sessions() as db:
+        outcome, _ = await turns.reserve(
+            db, turns.BudgetAsk(user_id, stored.question_id, 10_000, 60), lambda left: (100, 50)
+        )
+        assert isinstance(outcome, Reserved)
+    async with sessions() as db:
+        assert await turns.persist(db, TurnRecord(
+            user_id=user_id, chat_id=user_id, session_id=stored.session_id,
+            question_id=stored.question_id, update_id=update_id, reservation_id=outcome.id,
+            charged=40, text=text, complete=True, prompt_tokens=30, completion_tokens=10,
+        ))
+
+
+async def test_the_message_path_stores_a_conversation_and_reads_its_history(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """storage/turns.py, which on PostgreSQL runs each step as one statement without a
+    transaction: the same rows, history and ledger as step by step."""
+    def store(update_id: int | None, text: str) -> Any:
+        async def run() -> turns.StoredQuestion | None:
+            async with sessions() as db:
+                return await turns.store_question(db, _question(5, update_id, text), lambda r: "coder")
+        return run()
+
+    first = await store(501, "first question")
+    assert first is not None and first.started and first.history == []
+    await _answer(sessions, first, 5, 501, "first answer")
+    second = await store(502, "second question")
+    assert second is not None and not second.started and second.session_id == first.session_id
+    assert [(h.role, h.text) for h in second.history] == [
+        ("user", "first question"), ("assistant", "first answer")
+    ]
+    assert await store(502, "second question") is None  # a redelivery: nothing written
+    await _answer(sessions, second, 5, 502, "second answer")
+    third = await store(503, "third question")
+    assert third is not None
+    assert [h.text for h in third.history] == [  # the latest 4, oldest first, not itself
+        "first question", "first answer", "second question", "second answer"
+    ][-4:]
+    console = [await store(None, "typed in the console") for _ in range(2)]  # no update id
+    assert all(c is not None for c in console) and console[0].question_id != console[1].question_id
+    async with sessions() as db:
+        rows = [(m.text, m.status) for m in await Messages(db).for_session(first.session_id)]
+        day = await Budget(db).day(5)
+    assert rows == [
+        ("first question", "answered"), ("first answer", "complete"),
+        ("second question", "answered"), ("second answer", "complete"),
+        ("third question", "pending"), ("typed in the console", "pending"),
+        ("typed in the console", "pending"),
+    ]
+    assert day is not None and (day.used, day.reserved) == (80, 0)
+
+
+async def test_on_postgresql_the_message_path_opens_no_transaction(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BEGIN and COMMIT are a round trip each: the known user's message path needs neither."""
+    import asyncpg.transaction
+
+    from storage.db import create_engine, session_maker
+
+    begun: list[str] = []
+    start = asyncpg.transaction.Transaction.start
+
+    async def counted_start(self: Any) -> None:
+        begun.append("BEGIN")
+        await start(self)
+
+    engine = create_engine(pg_url)
+    sessions = session_maker(engine)
+    try:
+        async with sessions() as db:
+            first = await turns.store_question(db, _question(6, 601, "hello"), lambda r: "coder")
+        assert first is not None
+        monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted_start)
+        async with sessions() as db:
+            second = await turns.store_question(db, _question(6, 602, "again"), lambda r: "coder")
+        assert second is not None
+        await _answer(sessions, second, 6, 602, "an answer")
+        async with sessions() as db:
+            assert await Inbox(db).store_each([(603, 6, 6, "{}")]) == [True]
+            await db.commit()
+    finally:
+        await engine.dispose()
+    assert begun == []
