@@ -471,3 +471,30 @@ def asyncio_loop() -> None:
     import bot
 
     bot.new_event_loop = asyncio.new_event_loop
+
+
+@patch("embeddings_via_langchain",
+       "embeddings through langchain-openai's OpenAIEmbeddings.aembed_query (the SDK's "
+       "embeddings.create and its response models) instead of ModelGateway.embed's plain post")
+def embeddings_via_langchain() -> None:
+    from typing import Any
+
+    from langchain_openai import OpenAIEmbeddings
+
+    from graph import model
+
+    original_init = model.ModelGateway.__init__
+
+    def __init__(self: model.ModelGateway, **settings: Any) -> None:
+        original_init(self, **settings)
+        self._langchain_embeddings = OpenAIEmbeddings(  # type: ignore[attr-defined]
+            model=settings["embedding_model"], api_key=settings["api_key"],
+            base_url=settings["base_url"], max_retries=0, timeout=settings["timeout"],
+            check_embedding_ctx_length=False, http_async_client=self._http,  # noqa: SLF001
+        )
+
+    async def embed(self: model.ModelGateway, text: str) -> list[float]:
+        return await self._langchain_embeddings.aembed_query(text)  # type: ignore[attr-defined]
+
+    model.ModelGateway.__init__ = __init__  # type: ignore[method-assign]
+    model.ModelGateway.embed = embed  # type: ignore[method-assign]

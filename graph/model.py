@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 from collections.abc import Callable
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+import numpy as np
 import openai
 from langchain_core.messages import BaseMessage
-from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+from langchain_openai import ChatOpenAI
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +110,13 @@ def _retry_after(exc: BaseException) -> float | None:
 class ModelGateway:
     """Owns every call to the provider; the SDK's own retries are off (max_retries=0).
 
-    Answers stream through the OpenAI client that langchain-openai's ChatOpenAI builds, posted
-    with the SDK's own `post` and read as plain dict chunks: not the pydantic chunk models,
-    message chunks and callback dispatch that `astream` adds to every token (about a third of
-    the bot's CPU per message, bench/experiments.py), nor the SDK's request transform, which
-    walks every message of the prompt (~1 ms per call with a long history). Summaries, which are
-    not streamed, go through ChatOpenAI itself.
+    Answers and embeddings are posted with the OpenAI SDK's own `post` and read as plain dicts:
+    not the pydantic chunk models, message chunks and callback dispatch that ChatOpenAI's
+    `astream` adds to every token (about a third of the bot's CPU per message,
+    bench/experiments.py), nor the SDK's request transform, which walks every message of the
+    prompt (~1 ms per call with a long history), nor langchain's embeddings wrapper and the
+    SDK's response models (~0.6 ms per embedding in py-spy). Summaries, which are not streamed,
+    go through ChatOpenAI itself.
 
     The transport is the SDK's aiohttp one (openai.DefaultAioHttpClient): a streamed answer is
     one read per token, and aiohttp's C parser reads each for about half of httpx's CPU
@@ -133,9 +136,11 @@ class ModelGateway:
         # (langchain-openai would otherwise share one per base URL across the whole process).
         self._http = openai.DefaultAioHttpClient()
         self._chat_models: dict[tuple[str, float], ChatOpenAI] = {}
-        self._embeddings = OpenAIEmbeddings(
-            model=embedding_model, api_key=api_key, base_url=base_url, max_retries=0,
-            timeout=timeout, check_embedding_ctx_length=False, http_async_client=self._http,
+        self._embedding_model = embedding_model
+        # Streamed answers and embeddings: plain requests on the SDK client (retries are ours).
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout,
+            http_client=self._http,
         )
 
     def chat_model(self, model: str, temperature: float) -> ChatOpenAI:
@@ -157,7 +162,7 @@ class ModelGateway:
         on_delta: Callable[[str], None] | None = None,
     ) -> ModelResult:
         """Stream an answer; retry only before the first token (a retry after it would repeat text)."""
-        client = self.chat_model(model, temperature).root_async_client
+        client = self._client
         request = {
             "model": model, "messages": [_as_openai(m) for m in messages],
             "temperature": temperature, "max_tokens": max_tokens, "stream": True,
@@ -216,11 +221,19 @@ class ModelGateway:
             )
 
     async def embed(self, text: str) -> list[float]:
+        """The text's embedding. As the SDK itself asks by default, the vector comes base64-encoded
+        (a quarter of the JSON, decoded by numpy); a provider that answers with a JSON list of
+        floats is read too."""
+        body = {"model": self._embedding_model, "input": text, "encoding_format": "base64"}
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._embeddings.aembed_query(text)
+                reply = await self._client.post("/embeddings", body=body, cast_to=object)
+                vector = reply["data"][0]["embedding"]  # type: ignore[index]
+                if isinstance(vector, str):
+                    return np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
+                return [float(x) for x in vector]
             except Exception as exc:  # noqa: BLE001 - classified; non-retryable faults propagate
                 kind = classify(exc)
                 if kind in RETRYABLE and attempt < self._max_attempts:

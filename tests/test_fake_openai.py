@@ -328,3 +328,31 @@ async def test_embedding_faults(ai: FakeOpenAI) -> None:
         ai.fail_next_embeddings("cut_stream")
     with pytest.raises(ValueError):
         ai.fail_next("nonsense")
+
+
+async def test_the_gateway_reads_embeddings_as_the_sdk_does_in_either_encoding(
+    ai: FakeOpenAI,
+) -> None:
+    """graph/model.py ModelGateway.embed posts the request itself and decodes the vector."""
+    import openai
+
+    from graph.model import ModelGateway
+
+    gateway = ModelGateway(api_key="sk-test", base_url=ai.base_url,
+                           embedding_model="text-embedding-3-small", timeout=5,
+                           max_attempts=1, retry_base_delay=0.01)
+    sdk = openai.AsyncOpenAI(api_key="sk-test", base_url=ai.base_url, max_retries=0)
+    text = "the launch window opens on tuesday"
+    try:
+        expected = await sdk.embeddings.create(model="text-embedding-3-small", input=text)
+        expected_vector = expected.data[0].embedding  # decoded by the SDK itself
+        as_base64 = await gateway.embed(text)
+        ai.embeddings_as_floats = True
+        as_floats = await gateway.embed(text)
+    finally:
+        await gateway.aclose()
+        await sdk.close()
+    assert len(expected_vector) == ai.dims
+    assert as_base64 == pytest.approx(expected_vector, abs=1e-6)
+    assert as_floats == pytest.approx(expected_vector, abs=1e-6)
+    assert [r["encoding_format"] for r in ai.embedding_requests] == ["base64"] * 3

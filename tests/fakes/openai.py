@@ -131,6 +131,8 @@ class FakeOpenAI:
     ) -> None:
         self.reply: str | ReplyFn | None = reply
         self.dims = dims
+        # Some OpenAI-compatible servers ignore encoding_format and always send JSON floats.
+        self.embeddings_as_floats = False
         self.first_token_delay = first_token_delay
         self.chunk_delay = chunk_delay
         self.usage_override: dict[str, int] | None = usage_override
@@ -401,7 +403,7 @@ class FakeOpenAI:
         else:
             return _error(400, "'input' is a required property", "invalid_request_error", None)
         dims = int(body.get("dimensions") or self.dims)
-        as_base64 = body.get("encoding_format") == "base64"
+        as_base64 = body.get("encoding_format") == "base64" and not self.embeddings_as_floats
         data = []
         for index, text in enumerate(texts):
             vector = fake_embedding(text, dims)
