@@ -208,19 +208,9 @@ class _PostgresStatements(_Statements):
             .add_cte(touched)
         )
 
-    @staticmethod
-    def _admit_and_hold() -> Any:
+    def _admit_and_hold(self) -> Any:
         """The admission UPDATE and the reservation row in one statement: both or neither."""
-        admitted = (
-            update(usage_days)
-            .where(
-                usage_days.c.user_id == bindparam("ledger_user"),
-                usage_days.c.day == bindparam("today"),
-                usage_days.c.used + usage_days.c.reserved + bindparam("amount") <= bindparam("limit"),
-            )
-            .values(reserved=usage_days.c.reserved + bindparam("amount"))
-            .returning(usage_days.c.used).cte("admitted")
-        )
+        admitted = self.admit.cte("admitted")
         held = select(
             bindparam("reservation_id", type_=reservations.c.id.type),
             bindparam("ledger_user", type_=reservations.c.user_id.type),

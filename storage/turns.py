@@ -79,15 +79,15 @@ def _store_opening(
     started = chat_session is None
     if chat_session is None:
         chat_session = core.open_session(conn, new.user_id, new.chat_id, choose_role(user.role), now)
-    question_id = core.add_question(
+    asked = core.ask_in_session(
         conn, session_id=chat_session.id, user_id=new.user_id, chat_id=new.chat_id,
         text=new.text, update_id=new.update_id, tokens=new.tokens, now=now,
+        history_limit=new.history_limit,
     )
-    if question_id is None:
+    if asked is None:
         session.rollback()  # a redelivery: a session opened just now is not kept
         return None
-    core.touch_session(conn, chat_session.id, now)
-    history = core.history(conn, chat_session.id, new.history_limit, question_id)
+    question_id, history = asked
     session.commit()
     return StoredQuestion(
         chat_session.id, chat_session.role, question_id, user.instructions, history, started
