@@ -498,3 +498,15 @@ def embeddings_via_langchain() -> None:
 
     model.ModelGateway.__init__ = __init__  # type: ignore[method-assign]
     model.ModelGateway.embed = embed  # type: ignore[method-assign]
+
+
+@patch("malloc_arena_max_2",
+       "glibc malloc limited to 2 arenas (mallopt M_ARENA_MAX, as MALLOC_ARENA_MAX=2 would): "
+       "prices malloc fragmentation in the peak RSS (`python -m bench throughput -- --slow 1000 "
+       "--patches malloc_arena_max_2`); Linux/glibc only")
+def malloc_arena_max_2() -> None:
+    import ctypes
+
+    m_arena_max = -8  # glibc's malloc.h
+    if ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 2) != 1:
+        raise SystemExit("mallopt(M_ARENA_MAX) refused: not glibc?")
