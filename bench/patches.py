@@ -399,8 +399,8 @@ def gc_default_thresholds() -> None:
 
 
 @patch("tracemalloc_peak",
-       "tracemalloc from 8 s after launch (start-up traced would take minutes); whenever RSS reaches a new high above 250 MB, the top "
-       "allocation sites are written to $BENCH_TRACEMALLOC_OUT (default /tmp/tracemalloc-peak.txt). "
+       "tracemalloc from 8 s after launch (start-up traced would take minutes); whenever what it "
+       "traces reaches a new high, the top allocation sites (by package, line and traceback) are written to $BENCH_TRACEMALLOC_OUT (default /tmp/tracemalloc-peak.txt). "
        "Slows everything down: for finding what holds memory, not for timing")
 def tracemalloc_peak() -> None:
     import os
@@ -409,6 +409,7 @@ def tracemalloc_peak() -> None:
     import tracemalloc
 
     out = os.environ.get("BENCH_TRACEMALLOC_OUT", "/tmp/tracemalloc-peak.txt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def rss_mb() -> float:
         with open("/proc/self/status") as status:
@@ -420,20 +421,42 @@ def tracemalloc_peak() -> None:
     def watch() -> None:
         time.sleep(8)
         tracemalloc.start(12)
-        best = 250.0
+        best = 0.0
         while True:
             time.sleep(0.5)
-            rss = rss_mb()
-            if rss <= best:
+            # The peak of what Python holds, not of RSS: tracing itself adds to RSS.
+            held = tracemalloc.get_traced_memory()[0] / 2**20
+            if held < best + 2:
                 continue
-            best = rss
+            best, rss = held, rss_mb()
             snapshot = tracemalloc.take_snapshot()
-            lines = [f"RSS {rss:.0f} MB, traced {tracemalloc.get_traced_memory()[0] / 2**20:.0f} MB"]
+            traced = tracemalloc.get_traced_memory()[0] / 2**20
+            lines = [f"RSS {rss:.0f} MB, traced (allocated since tracing began, still held) {traced:.0f} MB"]
+            lines.append("\nby package of the innermost frame:")
+            for stat in _by_package(snapshot.statistics("filename"))[:15]:
+                lines.append(f"{stat[1] / 2**20:8.1f} MB {stat[2]:8d} blocks  {stat[0]}")
+            lines.append("\nby line:")
+            for stat in snapshot.statistics("lineno")[:30]:
+                lines.append(f"{stat.size / 2**20:8.1f} MB {stat.count:8d} blocks  {stat.traceback[0]}")
+            lines.append("\nby traceback:")
             for stat in snapshot.statistics("traceback")[:25]:
                 lines.append(f"{stat.size / 2**20:8.1f} MB {stat.count:8d} blocks")
                 lines += [f"      {frame}" for frame in stat.traceback.format()[-12:]]
             with open(out, "w") as file:
                 file.write("\n".join(lines))
+
+    def _by_package(stats: list[tracemalloc.Statistic]) -> list[tuple[str, int, int]]:
+        totals: dict[str, list[int]] = {}
+        for stat in stats:
+            name = stat.traceback[0].filename
+            for marker in ("site-packages/", "/lib/python3.11/", f"{root}/"):
+                if marker in name:
+                    name = name.split(marker, 1)[1]
+                    break
+            entry = totals.setdefault(name.split("/", 1)[0], [0, 0])
+            entry[0] += stat.size
+            entry[1] += stat.count
+        return sorted(((k, v[0], v[1]) for k, v in totals.items()), key=lambda t: -t[1])
 
     threading.Thread(target=watch, daemon=True).start()
 
