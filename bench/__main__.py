@@ -16,7 +16,7 @@ from bench import NAMES
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 
-DEFAULT = ("overhead", "throughput", "retrieval", "streaming", "startup")
+DEFAULT = ("overhead", "throughput", "retrieval", "streaming", "startup", "floor")
 USAGE = f"""usage: python -m bench [--snapshot] [NAME ...] [-- ARGS for each NAME]
 
 NAME: {", ".join(NAMES)} (default: {", ".join(DEFAULT)}; experiments only when named).

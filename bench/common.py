@@ -646,6 +646,28 @@ def _is_number(text: str) -> bool:
     return bool(re.fullmatch(r"-?[\d,]*\.?\d+( ?%| ms| s| MB)?|-", text))
 
 
+def calibrate() -> float:
+    """CPU ms of a fixed interpreter-bound workload (best of 15): how fast the machine ran at the
+    time of a result. This machine's speed drifts by up to 2x over hours, so figures taken at
+    different times compare only after scaling by this."""
+    def workload() -> int:
+        total = 0
+        for i in range(30_000):
+            row = {"id": i, "text": f"message {i}", "tags": [i, i + 1]}
+            total += len(row["text"]) + sum(row["tags"])
+        return total
+
+    best = float("inf")
+    for _ in range(15):
+        started = time.thread_time()
+        workload()
+        best = min(best, time.thread_time() - started)
+    return best * 1000
+
+
+_CALIBRATION_AT_START = calibrate()  # every bench imports this module as it starts
+
+
 def machine() -> dict[str, Any]:
     """Where and on what code the numbers were taken."""
     def git(*args: str) -> str:
@@ -655,12 +677,16 @@ def machine() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    now = calibrate()
     return {
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "implementation": platform.python_implementation(), "platform": platform.platform(),
         "git_commit": os.environ.get("DESKTOP_BENCH_COMMIT") or git("rev-parse", "--short", "HEAD"),
         "git_dirty_files": len([f for f in git("status", "--porcelain").splitlines() if f]),
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        # The machine's speed at the start of the bench and now (see calibrate).
+        "calibration_ms": (_CALIBRATION_AT_START + now) / 2,
+        "calibration_start_end_ms": [_CALIBRATION_AT_START, now],
     }
 
 

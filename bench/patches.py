@@ -533,3 +533,20 @@ def malloc_arena_max_2() -> None:
     m_arena_max = -8  # glibc's malloc.h
     if ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 2) != 1:
         raise SystemExit("mallopt(M_ARENA_MAX) refused: not glibc?")
+
+
+@patch("sqlite_small_page_cache",
+       "trial: PRAGMA cache_size=-256 (256 KiB) on every SQLite connection instead of SQLite's "
+       "2 MiB default: prices what the pool's page caches hold at peak RSS")
+def sqlite_small_page_cache() -> None:
+    from storage import db
+
+    original = db._sqlite_pragmas  # noqa: SLF001
+
+    def pragmas(dbapi_connection: object, record: object) -> None:
+        original(dbapi_connection, record)
+        cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA cache_size=-256")
+        cursor.close()
+
+    db._sqlite_pragmas = pragmas  # noqa: SLF001

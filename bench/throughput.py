@@ -55,6 +55,8 @@ async def burst(tg: BenchTelegram, users: list[int], round_no: int,
         "users": len(users), "answered": n, "timed_out": timed_out,
         "all_answered_s": done[-1] if done and not timed_out else float("nan"),
         "latency_s": summary(latencies),
+        # previews shown before the answer (sendMessageDraft, or placeholder + edits in groups)
+        "drafts_per_message": sum(tg.drafts_per_tag.get(name, 0) for name in names) / max(len(names), 1),
     }
     if n >= 10:
         lo, hi = int(n * 0.1), int(n * 0.9) - 1
@@ -131,10 +133,11 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
         rows.append([r["db"], b["users"], b["answered"], b["all_answered_s"], b["per_s"],
                      b.get("sustained_per_s", float("nan")), b["latency_s"]["p50"],
                      b["latency_s"]["p99"], b["bot_cpu_ms_per_message"],
+                     f"{b.get('drafts_per_message', float('nan')):.2f}",
                      f"{b['phase']['others_cores']:.2f}", b["peak_rss_mb"], gc_cell(b.get("gc"))])
     print(table(["db", "users", "answered", "all in (s)", "msg/s", "sustained msg/s",
-                 "latency p50 (s)", "p99 (s)", "bot CPU ms/msg", "other load", "peak RSS MB",
-                 "GC ms/msg (longest pause)"],
+                 "latency p50 (s)", "p99 (s)", "bot CPU ms/msg", "drafts/msg", "other load",
+                 "peak RSS MB", "GC ms/msg (longest pause)"],
                 rows, title="Zero-latency model: N users, one message each, all at once"))
     print()
     rows = []
