@@ -346,6 +346,10 @@ class Agent:
         async with self.services.sessions() as db:
             return await Sessions(db).get(user_id, session_id)
 
+    async def count_messages(self, session_id: int) -> int:
+        async with self.services.sessions() as db:
+            return await Messages(db).count_for_session(session_id)
+
     async def usage_today(self, user_id: int) -> tuple[int, int]:
         async with self.services.sessions() as db:
             day = await Budget(db).day(user_id)

@@ -73,7 +73,7 @@ def build_dispatcher(
     settings = agent.services.settings
     deps = Deps(agent=agent, catalog=catalog, pacer=pacer or ChatPacer(), settings=settings)
     dispatcher = Dispatcher(storage=storage or MemoryStorage(), **deps)
-    dispatcher.update.outer_middleware(UpdateMiddleware(agent.services.sessions, settings, catalog))
+    dispatcher.update.outer_middleware(UpdateMiddleware(settings, catalog))
     dispatcher.include_router(root_router())
 
     async def on_startup(bot: Bot) -> None:

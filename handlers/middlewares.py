@@ -1,4 +1,4 @@
-"""Update middleware: one database session per update, the user's language, access control."""
+"""Update middleware: the user's language, senders the bot ignores, access control."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 from aiogram import BaseMiddleware
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from handlers.formatting import strip_html
 from handlers.i18n import Catalog
@@ -25,10 +24,7 @@ Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
 class UpdateMiddleware(BaseMiddleware):
     """Outer middleware on dp.update: the per-update essentials, in one place and one order."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, catalog: Catalog
-    ) -> None:
-        self.sessions = sessions
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
 
@@ -47,10 +43,9 @@ class UpdateMiddleware(BaseMiddleware):
         if user is not None and not self._allowed(user.id):
             await self._refuse(event, lang, user.id)
             return None
-        # Redeliveries were already dropped by the inbox (handlers/delivery.py).
-        async with self.sessions() as db:
-            data["db"] = db
-            return await handler(event, data)
+        # Redeliveries were already dropped by the inbox (handlers/delivery.py). No database
+        # session is opened here: each step that needs one opens its own, briefly.
+        return await handler(event, data)
 
     def _allowed(self, user_id: int) -> bool:
         allowed = self.settings.allowed_user_ids

@@ -9,12 +9,10 @@ from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.agent import Agent, SessionEnd
 from handlers.i18n import Catalog
 from storage.models import ChatSession
-from storage.repositories import Messages
 
 
 PAGE_SIZE = 5
@@ -100,7 +98,7 @@ async def turn_page(
 
 async def open_session(
     query: CallbackQuery, callback_data: SessionOpen, agent: Agent, catalog: Catalog,
-    lang: str | None, db: AsyncSession,
+    lang: str | None,
 ) -> None:
     in_range = 0 < callback_data.id <= MAX_ID and 0 <= callback_data.page <= MAX_PAGE
     session = await agent.get_session(query.from_user.id, callback_data.id) if in_range else None
@@ -115,7 +113,7 @@ async def open_session(
     text = catalog.text(
         lang, "session.summary_view", title=session.title or catalog.plain(lang, "session.untitled"),
         date=f"{session.started_at:%Y-%m-%d}", role=agent.role_for(session.role).label(lang),
-        messages=await Messages(db).count_for_session(session.id),
+        messages=await agent.count_messages(session.id),
         summary=session.summary or catalog.plain(lang, "session.no_summary"),
     )
     if isinstance(query.message, Message):
