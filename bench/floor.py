@@ -16,7 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from bench.common import (
+from ops.aiogram_lazy import import_aiogram
+
+import_aiogram()  # as the bot imports it; bench.common imports the fakes, and they aiogram
+
+from bench.common import (  # noqa: E402
     ANSWER, QUESTION, RESULTS_DIR, Check, calibrate, checks_table, database, install_cipher,
     new_key,
     pg_available, set_chunking, table, workspace, write_result,
@@ -36,6 +40,8 @@ What is measured (in this process; the fakes serve from a child process)
   SQLAlchemy   a session that writes one row and commits; one more statement in a session
                (prebuilt Core statements through AsyncSession.run_sync, as storage/ runs them)
   tiktoken     counting the question's tokens; Fernet: encrypting + decrypting the answer
+  memory       a fresh process importing what the bot imports, in its order, RSS after each
+               step; then the tokenizer (the bot loads it at start-up)
   A message's floor = each operation x how often the bot's message path performs it (the
   statement and commit counts come from `python -m bench.overhead --sql` when its results
   exist). What the sum leaves out: the event loop's scheduling between these steps, the
@@ -103,6 +109,21 @@ async def serve_fakes() -> None:
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
     await tg.stop()
     await ai.stop()
+
+
+# ------------------------------------------------------------------------------ memory
+
+async def memory_steps() -> list[dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.memory_steps", stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    steps, previous = [], 0.0
+    for line in out.decode().splitlines():
+        row = json.loads(line)
+        steps.append({**row, "added_mb": row["rss_mb"] - previous})
+        previous = row["rss_mb"]
+    return steps
 
 
 # ------------------------------------------------------------------------------ aiogram
@@ -344,6 +365,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["ops"][kind] = [op.__dict__ for op in [*common, *db_ops]]
             results["counts"][kind] = {**counts, "source": source}
     results["calibration_ms"] = (before + calibrate()) / 2
+    results["memory"] = await memory_steps()
     return results
 
 
@@ -406,8 +428,31 @@ def report(results: dict[str, Any]) -> list[Check]:
               f"core, before any scheduling or code of the bot's own\n")
         checks.append(Check(f"{kind}: the floor leaves room for 150 msg/s", "<= 6.67 ms",
                             f"{in_burst:.2f} ms", in_burst <= 1000 / 150))
+    print(memory_report(results.get("memory", [])))
     print(checks_table(checks))
     return checks
+
+
+def memory_report(steps: list[dict[str, Any]]) -> str:
+    rows = [[row["step"], f"{row['added_mb']:+.1f}", f"{row['rss_mb']:.1f}"] for row in steps]
+    lines = [table(["step (each adds what no earlier step loaded)", "RSS added (MB)", "RSS (MB)"], rows,
+                   title="Memory before the first message: a fresh process importing what the "
+                         "bot imports, step by step")]
+    try:
+        data = json.loads((RESULTS_DIR / "throughput.json").read_text())
+        for row in data.get("results", []):
+            ready = row.get("rss_after_warmup_mb")
+            for slow in row.get("slow", []):
+                if ready and slow.get("users"):
+                    per_turn = (slow["peak_rss_mb"] - ready) / slow["users"] * 1024
+                    lines.append(
+                        f"  last throughput run ({row['db']}): {ready:.0f} MB after warm-up, "
+                        f"{slow['peak_rss_mb']:.0f} MB peak with {slow['users']} answers in flight: "
+                        f"~{per_turn:.0f} KB per answer in flight (the 500-message burst before "
+                        "it included)")
+    except (OSError, ValueError, KeyError):
+        pass
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,9 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve_fakes())
         return 0
     from bot import new_event_loop
-    from ops.aiogram_lazy import import_aiogram
 
-    import_aiogram()  # as the bot imports it
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         results = runner.run(run(args))
     checks = report(results)
