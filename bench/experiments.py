@@ -12,19 +12,17 @@ from bench.common import set_chunking, table, write_result
 from bench.overhead import run_config
 from bench.patches import PATCHES
 
-BASE = "final_no_pacing_wait"  # without it every message waits out the 0.3 s draft pacing
-PROPOSALS = ",".join((
-    "final_no_pacing_wait", "pin_response_models", "gc_freeze", "trace_in_background",
-    "async_text_filter", "typing_after_1s", "token_cache", "merge_prepare_nodes", "direct_openai",
-))
+# Patches that are tools, not experiments: they slow the bot down to look inside it.
+TOOLS = {"tracemalloc_peak"}
 
 EXPLAIN = """\
 What is measured
   bench.overhead's sequential run (SQLite, memory off, a different user per message, bot in its
   own process), once per experiment, each with a fresh bot and database. An experiment is a set
   of monkeypatches from bench/patches.py applied inside the bot process before it starts (the
-  code on disk is not changed). Every experiment except "as shipped" includes
-  final_no_pacing_wait, so that the 0.3 s draft-pacing wait does not hide everything else.
+  code on disk is not changed). A patch either prices a proposal, or restores what the code did
+  before a change shipped (so the change's worth can be re-measured on any day), or takes a part
+  away to price it ("not a proposal" in its description).
   CPU/msg (the bot process's CPU time over the measured phase / messages) is the steadiest
   figure on a shared machine; the latencies move with whatever else runs ("other load").
 """
@@ -39,17 +37,12 @@ class Experiment:
 
 
 def experiments() -> list[Experiment]:
-    out = [Experiment("as shipped", ""), Experiment("baseline (= +final_no_pacing_wait)", BASE)]
-    for name in PATCHES:
-        if name != BASE:
-            out.append(Experiment(f"+{name}", f"{BASE},{name}"))
+    out = [Experiment("baseline (as shipped)", "")]
+    out += [Experiment(f"+{name}", name) for name in PATCHES if name not in TOOLS]
     out += [
-        Experiment("answer in 1 chunk instead of ~64", BASE, chunk_words=0),
-        Experiment("answer in 1 chunk, +direct_openai", f"{BASE},direct_openai", chunk_words=0),
-        Experiment("history: 40 messages in the session", BASE, history=40),
-        Experiment("history 40, +token_cache", f"{BASE},token_cache", history=40),
-        Experiment("all proposals together", PROPOSALS),
-        Experiment("baseline again (drift check)", BASE),
+        Experiment("answer in 1 chunk instead of ~64", "", chunk_words=0),
+        Experiment("history: 40 messages in the session", "", history=40),
+        Experiment("baseline again (drift check)", ""),
     ]
     return out
 

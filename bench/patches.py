@@ -22,118 +22,17 @@ def apply(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- the patches
-
-
-@patch("final_no_pacing_wait",
-       "finish() wakes a painter that sleeps out the draft pacing (handlers/streaming.py _paint): "
-       "the whole answer is sent at once instead of after up to DRAFT_INTERVAL/EDIT_INTERVAL")
-def final_no_pacing_wait() -> None:
-    import asyncio
-    import types
-
-    from handlers import streaming
-
-    loop_sleep = asyncio.sleep
-    sleeping: dict[asyncio.Task[object], asyncio.Future[None]] = {}
-
-    async def sleep(delay: float, result: object = None) -> object:
-        task = asyncio.current_task()
-        if task is None or delay <= 0:
-            return await loop_sleep(delay, result)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        handle = asyncio.get_running_loop().call_later(
-            delay, lambda: future.done() or future.set_result(None)
-        )
-        sleeping[task] = future
-        try:
-            await future
-        finally:
-            handle.cancel()
-            sleeping.pop(task, None)
-        return result
-
-    # Only handlers.streaming sees the interruptible sleep; everything else keeps asyncio's.
-    proxy = types.ModuleType("asyncio_for_streaming")
-    proxy.__dict__.update(vars(asyncio))
-    proxy.sleep = sleep  # type: ignore[attr-defined]
-    streaming.asyncio = proxy  # type: ignore[attr-defined]
-    original_stop = streaming.AnswerStream._stop_painter
-
-    async def _stop_painter(self: streaming.AnswerStream) -> None:
-        self._closed = True
-        painter = self._painter
-        future = sleeping.get(painter) if painter is not None else None  # type: ignore[arg-type]
-        if future is not None and not future.done():
-            future.set_result(None)  # the painter sees _closed and returns without a draft
-        await original_stop(self)
-
-    streaming.AnswerStream._stop_painter = _stop_painter  # type: ignore[method-assign]
-
-
-@patch("pin_response_models",
-       "keep aiogram's Response[T] models alive: pydantic caches parametrised generics in a "
-       "WeakValueDictionary, so after each full GC every Bot API call rebuilds its response "
-       "model (aiogram/client/session/base.py check_response: ~1-5 ms per call)")
-def pin_response_models() -> None:
-    from aiogram.client.session.base import BaseSession
-    from aiogram.methods.base import Response
-
-    pinned: dict[object, object] = {}
-    original = BaseSession.check_response
-
-    def check_response(self: BaseSession, bot: object, method: object, status_code: int,
-                       content: str) -> object:
-        returning = method.__returning__  # type: ignore[attr-defined]
-        if returning not in pinned:
-            # A strong reference: the WeakValueDictionary entry now outlives every GC.
-            pinned[returning] = Response[returning]  # type: ignore[valid-type]
-        return original(self, bot, method, status_code, content)  # type: ignore[arg-type]
-
-    BaseSession.check_response = check_response  # type: ignore[method-assign,assignment]
-
-
-@patch("gc_freeze",
-       "gc.freeze() once start-up is done: the long-lived objects (modules, models, schemas) "
-       "leave the collector's generations, so full collections stop re-scanning them")
-def gc_freeze() -> None:
-    import gc
-
-    from handlers import delivery
-
-    original = delivery.Delivery.poll
-
-    async def poll(self: delivery.Delivery, *args: object, **kwargs: object) -> None:
-        gc.collect()
-        gc.freeze()
-        await original(self, *args, **kwargs)
-
-    delivery.Delivery.poll = poll  # type: ignore[method-assign]
-
-
-@patch("trace_in_background",
-       "write the run's trace after the answer, off the critical path (graph/agent.py _turn "
-       "awaits _save_trace, its own session and commit, before yielding the answer)")
-def trace_in_background() -> None:
-    import asyncio
-
-    from graph.agent import Agent
-
-    original = Agent._save_trace
-    pending: set[asyncio.Task[None]] = set()
-
-    async def _save_trace(self: Agent, trace: object) -> None:
-        task = asyncio.get_running_loop().create_task(original(self, trace))  # type: ignore[arg-type]
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    Agent._save_trace = _save_trace  # type: ignore[method-assign]
+# Retired once their proposal shipped (git history has them): final_no_pacing_wait,
+# pin_response_models, gc_freeze, trace_in_background, direct_openai, async_text_filter,
+# typing_after_1s; token_cache (history token counts are stored with the messages now). What shipped is priced the other way round where it matters: a patch that
+# restores the old behaviour (gc_default_thresholds, asyncio_loop, pg_steps_in_transactions...).
 
 
 @patch("no_trace", "skip the trace write entirely (prices its CPU; not a proposal)")
 def no_trace() -> None:
     from graph.agent import Agent
 
-    async def _save_trace(self: Agent, trace: object) -> None:
+    def _save_trace(self: Agent, trace: object) -> None:
         return None
 
     Agent._save_trace = _save_trace  # type: ignore[method-assign]
@@ -163,37 +62,6 @@ def no_drafts() -> None:
         self._text += delta
 
     AnswerStream.add = add  # type: ignore[method-assign]
-
-
-@patch("token_cache",
-       "memoise token counts per text (graph/tokens.py): the system prompt and every history "
-       "message are re-encoded with tiktoken on every turn")
-def token_cache() -> None:
-    from functools import lru_cache
-
-    from langchain_core.messages import BaseMessage
-
-    from graph import agent, nodes, tokens
-
-    original_count = tokens.count_tokens
-
-    @lru_cache(maxsize=65536)
-    def count_tokens(text: str, model: str) -> int:
-        return original_count(text, model)
-
-    def count_messages(messages: list[BaseMessage], model: str) -> int:
-        total = tokens.TOKENS_REPLY_PRIMING
-        for message in messages:
-            role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
-            total += tokens.TOKENS_PER_MESSAGE + count_tokens(role, model)
-            total += count_tokens(str(message.content), model)
-        return total
-
-    for module in (agent, nodes):
-        if hasattr(module, "count_tokens"):
-            module.count_tokens = count_tokens  # type: ignore[attr-defined]
-        if hasattr(module, "count_messages"):
-            module.count_messages = count_messages  # type: ignore[attr-defined]
 
 
 @patch("merge_prepare_nodes",
@@ -257,106 +125,6 @@ def inbox_off() -> None:
 
     delivery.Delivery.accept = accept  # type: ignore[method-assign]
     delivery.Delivery._process = _process  # type: ignore[method-assign]
-
-
-@patch("direct_openai",
-       "stream the answer with the openai SDK directly instead of langchain's ChatOpenAI "
-       "(graph/model.py stream_chat): no per-chunk AIMessageChunk/ChatGenerationChunk, "
-       "model_dump and callback dispatch")
-def direct_openai() -> None:
-    from typing import Any
-
-    import openai
-    from langchain_core.messages import convert_to_openai_messages
-
-    from graph import model as gateway_module
-    from graph.model import ModelGateway, ModelResult, classify
-
-    clients: dict[int, openai.AsyncOpenAI] = {}
-
-    async def stream_chat(self: ModelGateway, messages: Any, *, model: str, temperature: float,
-                          max_tokens: int, on_delta: Any = None) -> ModelResult:
-        client = clients.get(id(self))
-        if client is None:
-            client = clients[id(self)] = openai.AsyncOpenAI(
-                api_key=self._api_key, base_url=self._base_url, max_retries=0,
-                timeout=self._timeout,
-            )
-        parts: list[str] = []
-        usage = None
-        truncated = False
-        try:
-            stream = await client.chat.completions.create(
-                model=model, messages=convert_to_openai_messages(messages),
-                temperature=temperature, max_tokens=max_tokens, stream=True,
-                stream_options={"include_usage": True},
-            )
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        if on_delta is not None:
-                            maybe = on_delta(choice.delta.content)
-                            if maybe is not None:
-                                await maybe
-                    if choice.finish_reason == "length":
-                        truncated = True
-        except Exception as exc:  # noqa: BLE001 - the experiment keeps the fault mapping only
-            return ModelResult("".join(parts), None, None, classify(exc), 1, type(exc).__name__)
-        if usage is None:
-            return ModelResult("".join(parts), None, None, None, 1, truncated=truncated)
-        return ModelResult("".join(parts), usage.prompt_tokens, usage.completion_tokens, None, 1,
-                           truncated=truncated)
-
-    gateway_module.ModelGateway.stream_chat = stream_chat  # type: ignore[method-assign]
-
-
-@patch("async_text_filter",
-       "an async Filter instead of the F.text magic filter on the chat handler "
-       "(handlers/chat.py build_router): aiogram runs sync filters via asyncio.to_thread, "
-       "so every chat message hops to a worker thread and back")
-def async_text_filter() -> None:
-    from typing import Any
-
-    from aiogram import F
-    from aiogram.filters import Filter
-    from aiogram.types import Message
-
-    from handlers import chat
-
-    class HasText(Filter):
-        async def __call__(self, message: Message) -> bool:
-            return bool(message.text)
-
-    class FWithAsyncText:
-        text = HasText()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(F, name)
-
-    chat.F = FWithAsyncText()  # type: ignore[attr-defined,assignment]
-
-
-@patch("typing_after_1s",
-       "start the typing indicator only if the answer is not there after 1 s "
-       "(handlers/chat.py: ChatActionSender.typing(..., initial_sleep=1.0)): a fast answer "
-       "needs no sendChatAction")
-def typing_after_1s() -> None:
-    from typing import Any
-
-    from aiogram.utils.chat_action import ChatActionSender
-
-    from handlers import chat
-
-    class LateTyping(ChatActionSender):
-        @classmethod
-        def typing(cls, **kwargs: Any) -> ChatActionSender:  # type: ignore[override]
-            kwargs.setdefault("initial_sleep", 1.0)
-            return ChatActionSender(action="typing", **kwargs)
-
-    chat.ChatActionSender = LateTyping  # type: ignore[attr-defined,misc]
 
 
 @patch("pg_ping_every_checkout",
