@@ -648,8 +648,8 @@ def _is_number(text: str) -> bool:
 
 def calibrate() -> float:
     """CPU ms of a fixed interpreter-bound workload (best of 15): how fast the machine ran at the
-    time of a result. This machine's speed drifts by up to 2x over hours, so figures taken at
-    different times compare only after scaling by this."""
+    time of a result. This machine's speed drifts by up to 2x within minutes to hours, so
+    figures taken at different times compare only after scaling by this."""
     def workload() -> int:
         total = 0
         for i in range(30_000):

@@ -175,3 +175,4 @@ async def test_session_list_pages_and_opens_a_summary(h: Harness) -> None:
     h.tg.press_button(17, listing.message_id, opener["callback_data"])
     summary = await h.tg.wait_for_message(17, lambda m: m.message_id == listing.message_id and "We discussed" in (m.text or ""))
     assert "Topic 0" in (summary.text or "")
+    assert "💬 2\n" in (summary.text or "")  # that session's question and answer, counted
