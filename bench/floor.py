@@ -22,8 +22,7 @@ import_aiogram()  # as the bot imports it; bench.common imports the fakes, and t
 
 from bench.common import (  # noqa: E402
     ANSWER, QUESTION, RESULTS_DIR, Check, calibrate, checks_table, database, install_cipher,
-    new_key,
-    pg_available, set_chunking, table, workspace, write_result,
+    new_key, pg_available, set_chunking, table, workspace, write_result,
 )
 
 EXPLAIN = """\
@@ -40,8 +39,8 @@ What is measured (in this process; the fakes serve from a child process)
   SQLAlchemy   a session that writes one row and commits; one more statement in a session
                (prebuilt Core statements through AsyncSession.run_sync, as storage/ runs them)
   tiktoken     counting the question's tokens; Fernet: encrypting + decrypting the answer
-  memory       a fresh process importing what the bot imports, in its order, RSS after each
-               step; then the tokenizer (the bot loads it at start-up)
+  memory       a fresh process importing what the bot imports, one library at a time, RSS
+               after each step; then the tokenizer (the bot loads it with the first message)
   A message's floor = each operation x how often the bot's message path performs it (the
   statement and commit counts come from `python -m bench.overhead --sql` when its results
   exist). What the sum leaves out: the event loop's scheduling between these steps, the
@@ -324,7 +323,7 @@ def sql_counts(kind: str) -> tuple[dict[str, float], str]:
                  "commits": data["commits"] / messages}, f"measured ({path.name})")
     except (OSError, KeyError, ValueError):
         # storage/turns.py: inbox, question, budget, answer; the statements as counted last.
-        fallback = {"sqlite": (14.0, 4.0), "postgresql": (6.0, 6.0)}[kind]
+        fallback = {"sqlite": (14.0, 4.0), "postgresql": (6.0, 4.0)}[kind]
         return ({"statements": fallback[0], "commits": fallback[1]},
                 "declared (run python -m bench.overhead --sql to measure)")
 
@@ -414,7 +413,7 @@ def report(results: dict[str, Any]) -> list[Check]:
                      f"{in_burst:.2f}"])
         counts = results["counts"][kind]
         print(table(["layer", "operation", "CPU us/op", "per message", "ms/msg"], rows,
-                    title=f"{kind}: {counts['statements']:g} statements and {counts['commits']:g} "
+                    title=f"{kind}: {counts['statements']:.1f} statements and {counts['commits']:.1f} "
                           f"commits a message, {counts['source']}"))
         sequential, burst = last_bot_cpu(kind, results["calibration_ms"])
         if sequential is not None:
