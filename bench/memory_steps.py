@@ -25,6 +25,7 @@ IMPORT_STEPS = (
 
 
 def rss_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):

@@ -176,15 +176,10 @@ def tracemalloc_peak() -> None:
     import time
     import tracemalloc
 
+    from bench.memory_steps import rss_mb
+
     out = os.environ.get("BENCH_TRACEMALLOC_OUT", "/tmp/tracemalloc-peak.txt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def rss_mb() -> float:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
 
     def watch() -> None:
         time.sleep(8)
