@@ -39,6 +39,10 @@ What is measured (in this process; the fakes serve from a child process)
   SQLAlchemy   a session that writes one row and commits; one more statement in a session
                (prebuilt Core statements through AsyncSession.run_sync, as storage/ runs them)
   tiktoken     counting the question's tokens; Fernet: encrypting + decrypting the answer
+  and, for comparison, not part of the floor: the bot's own storage steps for one message
+  (storage/turns.py and the inbox, as the message path calls them), and the bot's own
+  dispatcher and chat handler taking the update (its agent answering nothing), and the bot's
+  agent (bot.composed) answering a message against the fake model, memory off, in the same way
   memory       a fresh process importing what the bot imports, one library at a time, RSS
                after each step; then the tokenizer (the bot loads it with the first message)
   A message's floor = each operation x how often the bot's message path performs it (the
@@ -185,6 +189,41 @@ async def aiogram_ops(base_url: str, n: int) -> list[Op]:
         await bot.session.close()
 
 
+class _SilentAgent:
+    """Stands in for graph.agent.Agent: answers nothing, so only the front end is measured."""
+
+    def __init__(self) -> None:
+        from settings import Settings
+
+        self.services = type("Services", (), {"settings": Settings()})()
+
+    async def handle_message(self, **_kwargs: Any) -> Any:
+        return
+        yield  # an async generator with no events
+
+
+async def our_dispatch(n: int) -> Op:
+    """The bot's own dispatcher (its middlewares, its routers in order, the chat handler) taking
+    the same text update, around an agent that answers nothing (not a floor)."""
+    from aiogram import Bot
+    from aiogram.types import Update, User
+
+    from handlers.app import build_dispatcher
+    from handlers.i18n import Catalog
+
+    bot = Bot("123456:floor")
+    me = User(id=123456, is_bot=True, first_name="Desk", username="desk_top_bot")
+
+    async def cached_me() -> User:  # what Bot.me() returns once the first getMe is cached
+        return me
+
+    bot.me = cached_me  # type: ignore[method-assign]
+    dispatcher = build_dispatcher(_SilentAgent(), Catalog.load())  # type: ignore[arg-type]
+    update = Update.model_validate(text_update(1), context={"bot": bot})
+    return await measure(Op("the bot's dispatcher + chat handler, agent answering nothing",
+                            "the bot's own", 1), lambda: dispatcher.feed_update(bot, update), n)
+
+
 def _sync(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
     async def call() -> Any:
         return fn()
@@ -313,6 +352,85 @@ async def sqlalchemy_ops(kind: str, url: str, n: int, counts: dict[str, float]) 
         await engine.dispose()
 
 
+async def message_storage(kind: str, url: str, users: int) -> Op:
+    """The bot's own storage steps for one message, as its message path runs them (not a floor):
+    the inbox row, the question with the session's history, the budget reservation, the answer
+    recorded with the charge. Each user has one earlier exchange, as in the overhead bench."""
+    from storage.core import TurnRecord
+    from storage.db import create_engine, session_maker
+    from storage.repositories import Inbox
+    from storage.turns import BudgetAsk, NewQuestion, persist, reserve, store_question
+
+    engine = create_engine(url)
+    sessions = session_maker(engine)
+    ids = iter(range(30_000_000, 40_000_000))
+    payload = json.dumps(text_update(1))
+
+    async def message(user_id: int) -> None:
+        update_id = next(ids)
+        async with sessions() as db:
+            await Inbox(db).store_each([(update_id, user_id, user_id, payload)])
+            await db.commit()
+        new = NewQuestion(user_id=user_id, chat_id=user_id, text=QUESTION, update_id=update_id,
+                          tokens=20, language="en", history_limit=20)
+        async with sessions() as db:
+            stored = await store_question(db, new, lambda role: role or "personal_assistant")
+        assert stored is not None
+        ask = BudgetAsk(user_id, stored.question_id, limit=10**9, ttl_seconds=600)
+        async with sessions() as db:
+            reserved, _ = await reserve(db, ask, lambda remaining: (2_000, 1_000))
+        async with sessions() as db:
+            await persist(db, TurnRecord(
+                user_id=user_id, chat_id=user_id, session_id=stored.session_id,
+                question_id=stored.question_id, update_id=update_id,
+                reservation_id=reserved.id, charged=300, text=ANSWER, complete=True,
+                prompt_tokens=200, completion_tokens=100,
+            ))
+
+    try:
+        people = range(50_000_000, 50_000_000 + users)
+        for user_id in people:  # each user's first message: sign-up, session, one exchange
+            await message(user_id)
+        gc.collect()
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for user_id in people:
+            await message(user_id)
+        return Op(f"the bot's storage steps for one message ({kind})", "the bot's own", 1,
+                  (time.thread_time() - cpu) / users * 1e6, (time.perf_counter() - wall) / users * 1e6)
+    finally:
+        await engine.dispose()
+
+
+async def agent_turns(kind: str, url: str, openai_url: str, work: Any, key: str, users: int) -> Op:
+    """The bot's agent (bot.composed: storage, the LangGraph turn, the model client) answering
+    one message per user against the fake model, memory off: everything but Telegram."""
+    from bot import composed
+    from settings import Settings
+
+    settings = Settings(
+        openai_api_key="sk-floor", openai_base_url=openai_url, database_url=url,
+        data_dir=str(work / f"data-{kind}"), encryption_key=key, daily_token_limit=10**9,
+        memory_top_k=0, log_level="WARNING",
+    )
+    ids = iter(range(70_000_000, 80_000_000))
+    async with composed(settings) as agent:
+        async def turn(user_id: int) -> None:
+            async for _event in agent.handle_message(
+                user_id=user_id, chat_id=user_id, text=QUESTION, update_id=next(ids)
+            ):
+                pass
+
+        people = range(60_000_000, 60_000_000 + users)
+        for user_id in people:  # each user's first message: sign-up, session, one exchange
+            await turn(user_id)
+        gc.collect()
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for user_id in people:
+            await turn(user_id)
+        return Op(f"the agent's turn: storage, graph, model stream ({kind})", "the bot's own", 1,
+                  (time.thread_time() - cpu) / users * 1e6, (time.perf_counter() - wall) / users * 1e6)
+
+
 def sql_counts(kind: str) -> tuple[dict[str, float], str]:
     """Statements and commits per message, from the overhead bench's --sql run when present."""
     path = RESULTS_DIR / f"sql-overhead-{kind}-nomem.json"
@@ -348,20 +466,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from bot import GC_YOUNG_THRESHOLD
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as the bot runs
-    install_cipher(new_key())
-    results: dict[str, Any] = {"n": args.n, "ops": {}, "counts": {}}
+    key = new_key()
+    install_cipher(key)
+    results: dict[str, Any] = {"n": args.n, "ops": {}, "counts": {}, "ours": {}}
     before = calibrate()
-    async with FakesProcess() as urls:
+    kinds = ["sqlite"] + (["postgresql"] if args.db != "sqlite" and await pg_available() else [])
+    async with FakesProcess() as urls, workspace("floor") as work:
         common = [*await aiogram_ops(urls["telegram"], args.n),
                   *await openai_ops(urls["openai"], args.n),
                   *await langgraph_ops(args.n), *await other_ops(args.n)]
-    kinds = ["sqlite"] + (["postgresql"] if args.db != "sqlite" and await pg_available() else [])
-    async with workspace("floor") as work:
+        results["ours_dispatch"] = (await our_dispatch(args.n)).__dict__
         for kind in kinds:
             counts, source = sql_counts(kind)
             async with database(kind, work, "floor") as db:
                 db_ops = await sqlalchemy_ops(kind, db.url, args.n, counts)
+                storage = await message_storage(kind, db.url, args.n)
+                turn = await agent_turns(kind, db.url, urls["openai"], work, key, args.n)
             results["ops"][kind] = [op.__dict__ for op in [*common, *db_ops]]
+            results["ours"][kind] = {"storage": storage.__dict__, "turn": turn.__dict__}
             results["counts"][kind] = {**counts, "source": source}
     results["calibration_ms"] = (before + calibrate()) / 2
     results["memory"] = await memory_steps()
@@ -415,6 +537,23 @@ def report(results: dict[str, Any]) -> list[Check]:
         print(table(["layer", "operation", "CPU us/op", "per message", "ms/msg"], rows,
                     title=f"{kind}: {counts['statements']:.1f} statements and {counts['commits']:.1f} "
                           f"commits a message, {counts['source']}"))
+        dispatch = results.get("ours_dispatch")
+        if dispatch is not None:
+            bare = next(op for op in ops if op["name"].startswith("dispatch"))
+            print(f"  the bot's dispatcher and chat handler, the same update, measured here: "
+                  f"{dispatch['cpu_us'] / 1000:.2f} ms (the floor's dispatch: "
+                  f"{bare['cpu_us'] / 1000:.2f} ms)")
+        ours = results.get("ours", {}).get(kind)
+        if ours is not None:
+            def floor_of(*layers: str) -> float:
+                return sum(op["cpu_us"] * op["per_message"] for op in ops
+                           if op["layer"] in layers) / 1000
+            print(f"  the bot's own storage steps for a message, measured here the same way: "
+                  f"{ours['storage']['cpu_us'] / 1000:.2f} ms (the floor's SQLAlchemy rows: "
+                  f"{floor_of('SQLAlchemy'):.2f} ms)")
+            print(f"  the bot's agent answering a message (storage, graph, model; no Telegram): "
+                  f"{ours['turn']['cpu_us'] / 1000:.2f} ms (the floor's rows for those parts: "
+                  f"{floor_of('SQLAlchemy', 'LangGraph', 'openai SDK', 'tiktoken', 'Fernet'):.2f} ms)")
         sequential, burst = last_bot_cpu(kind, results["calibration_ms"])
         if sequential is not None:
             print(f"  the bot one at a time (last overhead run, scaled to this run's machine "
