@@ -75,9 +75,12 @@ async def measure(op: Op, call: Callable[[], Awaitable[Any]], n: int) -> Op:
     return op
 
 
-async def median_of_thirds(call: Callable[[int], Awaitable[None]], users: range) -> tuple[float, float]:
-    """(CPU us, wall us) per call(user) over each third of `users`, the median third: a
-    disturbance of the machine during one third does not move the figure."""
+async def second_messages(call: Callable[[int], Awaitable[None]], users: range) -> tuple[float, float]:
+    """(CPU us, wall us) per call(user) for each user's second message (the first signs up and
+    leaves one exchange, as in the overhead bench); of the three thirds of `users`, the median,
+    so a disturbance of the machine during one third does not move the figure."""
+    for user_id in users:
+        await call(user_id)
     thirds = [users[i::3] for i in range(3)]
     cpu_wall = []
     for part in thirds:
@@ -403,10 +406,7 @@ async def message_storage(kind: str, url: str, users: int) -> Op:
             ))
 
     try:
-        people = range(50_000_000, 50_000_000 + users)
-        for user_id in people:  # each user's first message: sign-up, session, one exchange
-            await message(user_id)
-        cpu_us, wall_us = await median_of_thirds(message, people)
+        cpu_us, wall_us = await second_messages(message, range(50_000_000, 50_000_000 + users))
         return Op(f"the bot's storage steps for one message ({kind})", "the bot's own", 1,
                   cpu_us, wall_us)
     finally:
@@ -432,10 +432,7 @@ async def agent_turns(kind: str, url: str, openai_url: str, work: Any, key: str,
             ):
                 pass
 
-        people = range(60_000_000, 60_000_000 + users)
-        for user_id in people:  # each user's first message: sign-up, session, one exchange
-            await turn(user_id)
-        cpu_us, wall_us = await median_of_thirds(turn, people)
+        cpu_us, wall_us = await second_messages(turn, range(60_000_000, 60_000_000 + users))
         return Op(f"the agent's turn: storage, graph, model stream ({kind})", "the bot's own", 1,
                   cpu_us, wall_us)
 
