@@ -296,7 +296,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop where it is installed, asyncio's otherwise (Windows).
 
     Every message is a dozen socket round trips (Telegram, the model, PostgreSQL) and a few
-    hundred wake-ups: uvloop does that bookkeeping in C, 5-8 % more messages per second
+    hundred wake-ups: uvloop does that bookkeeping in C, 3-10 % more messages per second
     (`python -m bench throughput -- --patches asyncio_loop` prices it).
     """
     try:
