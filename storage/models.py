@@ -228,14 +228,6 @@ class InboxUpdate(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-ENCRYPTED_COLUMNS: tuple[tuple[type[Base], str], ...] = tuple(
-    (mapper.class_, column.key)
-    for mapper in Base.registry.mappers
-    for column in mapper.columns
-    if isinstance(column.type, (EncryptedText, EncryptedBytes))
-)
-
-
 class MemoryOutbox(Base):
     """Memory writes the vector store refused, kept (encrypted) until a retry lands them."""
 
@@ -257,5 +249,10 @@ class MemoryOutbox(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-# Key rotation must reach the outbox payloads too (the tuple above was built before this class).
-ENCRYPTED_COLUMNS = ENCRYPTED_COLUMNS + ((MemoryOutbox, "payload"),)
+# Computed after every model is defined: key rotation (storage/rotation.py) walks it.
+ENCRYPTED_COLUMNS: tuple[tuple[type[Base], str], ...] = tuple(
+    (mapper.class_, column.key)
+    for mapper in Base.registry.mappers
+    for column in mapper.columns
+    if isinstance(column.type, (EncryptedText, EncryptedBytes))
+)
