@@ -27,4 +27,6 @@ bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
 check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) bot.py check
