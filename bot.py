@@ -211,6 +211,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("TELEGRAM_TOKEN: required to run the Telegram bot (or run: python bot.py console)")
     if mode == "webhook" and settings.webhook_url is None:
         raise ConfigError("WEBHOOK_URL: required in webhook mode (the public https URL Telegram posts to)")
+    if mode == "webhook" and settings.webhook_secret is None:
+        # Without it anyone who finds the URL could post updates in any user's name.
+        raise ConfigError(
+            "WEBHOOK_SECRET: required in webhook mode (1-256 of A-Z a-z 0-9 _ -, the same on "
+            "every replica; e.g. the output of: openssl rand -hex 32)"
+        )
     async with composed(settings) as agent:
         if mode in ("polling", "webhook"):
             from ops.aiogram_lazy import import_aiogram

@@ -18,6 +18,7 @@ from graph.context import Services, SummaryContext, TurnContext
 from graph.roles import Role
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
+from memory.base import MemoryScope
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, Message, User
 from storage.repositories import Budget, Messages, Sessions, Users
@@ -169,6 +170,12 @@ class Agent:
             await db.commit()
         return role
 
+    async def set_private_data_in_groups(self, user_id: int, allowed: bool) -> None:
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            await Users(db).set_private_data_in_groups(user_id, allowed)
+            await db.commit()
+
     async def set_instructions(self, user_id: int, instructions: str | None) -> None:
         async with self.services.sessions() as db:
             await Users(db).ensure(user_id, None)
@@ -203,10 +210,13 @@ class Agent:
         if stored.resumed:
             yield Resumed()
         trace = RunTrace("turn", user_id, stored.session_id)
+        scope = MemoryScope.for_chat(user_id, chat_id, stored.private_in_groups)
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id,
             session_id=stored.session_id, question_id=stored.question_id, role=role,
-            instructions=stored.instructions,
+            # A group sees the user's own instructions only when the user allowed it.
+            instructions=stored.instructions if scope.with_private else None,
+            memory_scope=scope,
             history=stored.history, trace=trace, update_id=update_id,
         )
         feed = DeltaFeed()
@@ -274,7 +284,8 @@ class Agent:
         limit = self.services.settings.history_messages
         history = await Messages(db).history(session.id, limit, before_id=earlier.id)
         return StoredQuestion(
-            session.id, session.role, earlier.id, user.instructions, history, resumed=True
+            session.id, session.role, earlier.id, user.instructions, history,
+            user.private_data_in_groups, resumed=True,
         )
 
     async def _settle_abandoned(self, context: TurnContext) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from graph.model import ModelGateway
 from graph.roles import Role, RoleRegistry
 from graph.tracing import RunTrace
-from memory.base import MemoryStore
+from memory.base import PRIVATE, MemoryScope, MemoryStore
 from settings import Settings
 from storage.core import HistoryEntry
 
@@ -39,6 +39,7 @@ class TurnContext:
     instructions: str | None
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
+    memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
     update_id: int | None = None  # the Telegram update being answered, marked done with the answer
     # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.
     reservation_id: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from graph.context import SummaryContext, TurnContext
 from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
-from memory.base import MemoryHit, MemoryItem
+from memory.base import MemoryHit, MemoryItem, chat_scope
 from storage import turns
 from storage.core import HistoryEntry, OverBudget
 from storage.repositories import Budget, Messages, Sessions
@@ -38,7 +39,7 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
         if k == 0 or not await services.memory.has_any(ctx.user_id):
             return {"memories": []}  # no embedding call for users with nothing remembered
         vector = await services.models.embed(state["text"])
-        hits = await services.memory.search(ctx.user_id, vector, k)
+        hits = await services.memory.search(ctx.user_id, vector, k, ctx.memory_scope)
     except (ModelFault, OSError, RuntimeError) as exc:
         # Memory makes answers better but is not worth failing the turn for.
         ctx.trace.note(degraded=type(exc).__name__)
@@ -77,10 +78,18 @@ def persona_prompt(role_prompt: str, instructions: str | None, memories: list[Me
     return "\n\n".join(parts)
 
 
+def fenced(text: str) -> str:
+    """Stored text made safe to put inside a fence: no tag can open or close one.
+
+    Escaping every < and > (and &, so escapes read back unambiguously) leaves nothing a
+    tokenizer or a model could take for `</memory >`, `</ MEMORY\n>` or any other variant.
+    """
+    return html.escape(text, quote=False)
+
+
 def _memory_line(index: int, hit: MemoryHit) -> str:
     date = hit.started_at.date().isoformat() if hit.started_at else "earlier"
-    text = re.sub(r"</?memory>", "", hit.text, flags=re.IGNORECASE)  # cannot close the fence
-    return f"[{index}] {date}, role {hit.role or '-'}:\n{text.strip()}"
+    return f"[{index}] {date}, role {hit.role or '-'}:\n{fenced(hit.text.strip())}"
 
 
 def _fit_history(rows: list[HistoryEntry], room: int, model: str) -> tuple[list[BaseMessage], int]:
@@ -249,8 +258,7 @@ def _fit_transcript(transcript: list[tuple[str, str]], room: int, model: str) ->
     lines: list[str] = []
     used = 0
     for role, text in reversed(transcript):
-        text = re.sub(r"</?transcript>", "", text, flags=re.IGNORECASE)  # cannot close the fence
-        line = f"{'User' if role == 'user' else 'Assistant'}: {text}"
+        line = f"{'User' if role == 'user' else 'Assistant'}: {fenced(text)}"
         cost = count_tokens(line, model)
         if used + cost > room:
             break
@@ -285,6 +293,7 @@ async def remember(state: SummaryState, runtime: Runtime[SummaryContext]) -> dic
     item = MemoryItem(
         user_id=ctx.user_id, session_id=ctx.session_id, title=state.get("title"), text=summary,
         role=ctx.role_id, started_at=session.started_at, ended_at=None,
+        chat_id=chat_scope(ctx.user_id, session.chat_id),
     )
     try:
         vector = await ctx.services.models.embed(summary)

@@ -8,7 +8,6 @@ import time
 import unicodedata
 
 from aiogram import Bot, Router
-from aiogram.filters import Filter
 from aiogram.types import CallbackQuery, Message, Update
 from aiogram.utils.chat_action import ChatActionSender
 
@@ -23,6 +22,7 @@ from graph.agent import (
     SessionStarted,
 )
 from handlers.delivery import UPDATE_SETTLED
+from handlers.filters import HasText
 from handlers.i18n import Catalog
 from handlers.streaming import AnswerStream, ChatPacer
 from storage.crypto import DecryptionError
@@ -170,13 +170,6 @@ async def unsupported(message: Message, bot: Bot, catalog: Catalog, lang: str | 
 async def stale_button(query: CallbackQuery, catalog: Catalog, lang: str | None) -> None:
     """Buttons from old menus, or forged callback data: answered, never acted on."""
     await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
-
-
-class HasText(Filter):
-    """F.text as a coroutine: aiogram runs a plain-function filter in a worker thread, per message."""
-
-    async def __call__(self, message: Message) -> bool:
-        return bool(message.text)
 
 
 def build_router() -> Router:

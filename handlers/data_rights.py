@@ -7,16 +7,20 @@ import json
 import logging
 import time
 
-from aiogram import F, Router
+from aiogram import Router
 from aiogram.filters import Command
 from aiogram.filters.callback_data import CallbackData
-from aiogram.fsm.context import FSMContext
+from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder
+from aiogram.fsm.storage.memory import MemoryStorage
+from aiogram.fsm.storage.redis import RedisStorage
 from aiogram.types import BufferedInputFile, CallbackQuery, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.agent import Agent
+from handlers.fleet import SharedPacer
 from handlers.i18n import Catalog
-from handlers.middlewares import private_only
+from handlers.streaming import ChatPacer
+from handlers.filters import HasText, InOwnersPrivateChat
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +30,6 @@ CONFIRM_WINDOW_SECONDS = 300  # an old confirmation button must not delete anyth
 class DeleteChoice(CallbackData, prefix="del"):
     action: str  # yes | no
     issued: int  # unix time the question was asked
-
-
-async def not_here(message: Message, catalog: Catalog, lang: str | None) -> None:
-    await message.reply(catalog.text(lang, "access.private_only"))
 
 
 async def export_data(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
@@ -70,12 +70,33 @@ async def ask_delete(message: Message, catalog: Catalog, lang: str | None) -> No
     await message.answer(catalog.text(lang, "delete.confirm"), reply_markup=builder.as_markup())
 
 
+async def forget_chat_states(storage: BaseStorage, user_id: int) -> int:
+    """Delete the user's FSM state and data in every chat (a group's "waiting for your
+    instructions" included), so nothing left behind acts for a deleted user. Returns how many."""
+    if isinstance(storage, MemoryStorage):
+        keys = [key for key in storage.storage if key.user_id == user_id]
+        for key in keys:
+            del storage.storage[key]
+        return len(keys)
+    if isinstance(storage, RedisStorage) and isinstance(storage.key_builder, DefaultKeyBuilder):
+        builder = storage.key_builder
+        # Keys end "...:<user id>:<state|data|lock>" with this builder (no destiny part).
+        found = [
+            key async for key in storage.redis.scan_iter(match=f"{builder.prefix}{builder.separator}*")
+            if key.decode().split(builder.separator)[-2] == str(user_id)
+        ]
+        if found:
+            await storage.redis.delete(*found)
+        return len(found)
+    raise TypeError(f"cannot forget states kept by {type(storage).__name__}")
+
+
 async def confirm_delete(
     query: CallbackQuery, callback_data: DeleteChoice, agent: Agent, catalog: Catalog,
-    lang: str | None, state: FSMContext,
+    lang: str | None, fsm_storage: BaseStorage, pacer: ChatPacer | SharedPacer,
 ) -> None:
     fresh = 0 <= time.time() - callback_data.issued <= CONFIRM_WINDOW_SECONDS
-    if not private_only(query) or not fresh:
+    if not fresh:
         await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
         return
     await query.answer()
@@ -91,7 +112,8 @@ async def confirm_delete(
         if message is not None:
             await message.edit_text(catalog.text(lang, "delete.failed"))
         return
-    await state.clear()
+    await forget_chat_states(fsm_storage, query.from_user.id)
+    await pacer.forget(query.from_user.id)  # the private chat's id is the user's
     text = catalog.text(
         lang, "delete.done", messages=receipt.messages, sessions=receipt.sessions,
         memories=receipt.memories,
@@ -103,7 +125,9 @@ async def confirm_delete(
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
-    router.message(Command("export_data", "delete_my_data"), ~F.chat.type.in_({"private"}))(not_here)
+    # Groups get a pointer to the private chat (handlers/commands.py) before reaching these.
+    router.message.filter(HasText())
+    router.callback_query.filter(InOwnersPrivateChat())
     router.message(Command("export_data"))(export_data)
     router.message(Command("delete_my_data"))(ask_delete)
     router.callback_query(DeleteChoice.filter())(confirm_delete)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
+import re
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import sentry_sdk
 from aiogram import Bot, Dispatcher
@@ -25,6 +29,8 @@ from aiogram.exceptions import (
 )
 from aiogram.types import Update
 from aiogram.types.update import UpdateTypeLookupError
+from pydantic_core import PydanticSerializationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ops.monitoring import tag_context
@@ -63,6 +69,62 @@ def user_of(update: Update) -> int | None:
     return int(user.id) if user is not None else None
 
 
+# A database that does not answer: the batch is not confirmed, Telegram keeps it for us.
+_INFRASTRUCTURE = (OperationalError, InterfaceError, OSError, TimeoutError)
+BIGINT = range(-(2**63), 2**63)  # what the inbox's BIGINT columns hold
+
+
+class UnstorableUpdate(Exception):
+    """An update no retry can store: it is set aside instead of holding up the others."""
+
+
+def set_aside(update_id: int, reason: str) -> None:
+    """Log and report an update that will not be processed; never its content."""
+    log.error("update %s set aside: %s", update_id, reason)
+    sentry_sdk.capture_message(f"update set aside: {reason}", level="error")
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    update_id: int
+    user_id: int | None
+    chat_id: int
+    payload: str
+
+    @property
+    def values(self) -> tuple[int, int | None, int, str]:
+        return self.update_id, self.user_id, self.chat_id, self.payload
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(update: Update, bot: Bot) -> tuple[Update, InboxRow]:
+    """The update as it will be processed, and its inbox row; UnstorableUpdate if it cannot be."""
+    user, chat = user_of(update), chat_key(update)
+    if any(value is not None and value not in BIGINT for value in (update.update_id, user, chat)):
+        raise UnstorableUpdate("an id out of range")
+    try:
+        payload = update.model_dump_json(exclude_none=True)
+    except PydanticSerializationError:
+        # A lone UTF-16 surrogate (Telegram passes on what a client sent) cannot be encoded as
+        # UTF-8, so it could be neither stored nor sent to the model: each becomes U+FFFD.
+        data = _replace_lone_surrogates(update.model_dump(mode="json", exclude_none=True))
+        payload = json.dumps(data, ensure_ascii=False)
+        update = Update.model_validate_json(payload, context={"bot": bot})
+    return update, InboxRow(update.update_id, user, chat, payload)
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {key: _replace_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    return value
+
+
 class Delivery:
     """Takes updates in (from getUpdates or a webhook), stores them, and runs them in chat order."""
 
@@ -82,23 +144,48 @@ class Delivery:
     # --- taking updates in -----------------------------------------------------------------
 
     async def accept(self, updates: Iterable[Update]) -> list[Update]:
-        """Store a batch durably; returns the updates seen for the first time, in order."""
-        updates = list(updates)
-        rows = [
-            (update.update_id, user_of(update), chat_key(update),
-             update.model_dump_json(exclude_none=True))
-            for update in updates
-        ]
-        async with self.sessions() as db:
-            stored = await Inbox(db).store_each(rows)
-            await db.commit()
+        """Store each update durably; returns the updates seen for the first time, in order.
+
+        One update never holds up the others: what cannot be stored whatever we retry is set
+        aside (a log line and a Sentry event, no content) and the rest go on. A database that
+        does not answer raises, so nothing is confirmed to Telegram.
+        """
+        storable: list[tuple[Update, InboxRow]] = []
+        for update in updates:
+            try:
+                storable.append(_storable(update, self.bot))
+            except UnstorableUpdate as exc:
+                set_aside(update.update_id, str(exc))
+        rows = [row for _, row in storable]
+        try:
+            stored = await self._store(rows)
+        except _INFRASTRUCTURE:
+            raise
+        except Exception:  # noqa: BLE001 - some row the database refused: find it, alone
+            stored = [await self._store_alone(row) for row in rows]
         fresh = []
-        for update, first_time in zip(updates, stored, strict=True):
+        for (update, _), first_time in zip(storable, stored, strict=True):
             if first_time:
                 fresh.append(update)
-            else:
+            elif first_time is False:
                 log.info("update %s redelivered: already taken in", update.update_id)
         return fresh
+
+    async def _store(self, rows: list[InboxRow]) -> list[bool | None]:
+        async with self.sessions() as db:
+            stored: list[bool | None] = list(await Inbox(db).store_each([r.values for r in rows]))
+            await db.commit()
+        return stored
+
+    async def _store_alone(self, row: InboxRow) -> bool | None:
+        """True/False as store; None when this row is refused on its own (then set aside)."""
+        try:
+            return (await self._store([row]))[0]
+        except _INFRASTRUCTURE:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the row itself is the problem
+            set_aside(row.update_id, f"the database refused it ({type(exc).__name__})")
+            return None
 
     def dispatch(self, update: Update) -> asyncio.Task[None]:
         """Run the update after the ones before it in the same chat; other chats do not wait."""

@@ -78,6 +78,11 @@ class SharedPacer:
         )
         task.add_done_callback(lambda t: t.exception())
 
+    async def forget(self, chat_id: int) -> None:
+        """The chat's pacing entry, here and in Redis (its key names the chat: a user, if private)."""
+        self._local.pop(chat_id, None)
+        await self.redis.delete(f"{self.prefix}{chat_id}")
+
     async def refresh(self, chat_id: int) -> None:
         """Learn when another process last wrote to this chat (called before an answer starts)."""
         value = await self.redis.get(f"{self.prefix}{chat_id}")

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import BaseMiddleware
-from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
+from aiogram.types import TelegramObject, Update, User
 
 from handlers.formatting import strip_html
 from handlers.i18n import Catalog
@@ -57,8 +57,3 @@ class UpdateMiddleware(BaseMiddleware):
             await update.message.answer(text)
         elif update.callback_query is not None:
             await update.callback_query.answer(strip_html(text), show_alert=True)
-
-
-def private_only(event: Message | CallbackQuery) -> bool:
-    message = event.message if isinstance(event, CallbackQuery) else event
-    return message is not None and message.chat.type == "private"

@@ -11,6 +11,7 @@ from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.agent import Agent
+from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
 
 
@@ -25,11 +26,17 @@ class InstructionsAction(CallbackData, prefix="instr"):
     action: str  # edit | clear | cancel
 
 
+class GroupSharing(CallbackData, prefix="share"):
+    on: bool  # the new setting: private memory and instructions in this user's group answers
+
+
 class Personalize(StatesGroup):
     waiting_for_instructions = State()
 
 
-def menu_keyboard(agent: Agent, catalog: Catalog, lang: str | None, current: str) -> InlineKeyboardMarkup:
+def menu_keyboard(
+    agent: Agent, catalog: Catalog, lang: str | None, current: str, shared_in_groups: bool
+) -> InlineKeyboardMarkup:
     builder = InlineKeyboardBuilder()
     for role in agent.services.roles.roles():
         label = role.button_text(lang)
@@ -43,6 +50,12 @@ def menu_keyboard(agent: Agent, catalog: Catalog, lang: str | None, current: str
     builder.button(
         text=catalog.plain(lang, "personalize.buttons.clear_instructions"),
         callback_data=InstructionsAction(action="clear"),
+    )
+    builder.button(
+        text=catalog.plain(
+            lang, "personalize.buttons.groups_on" if shared_in_groups else "personalize.buttons.groups_off"
+        ),
+        callback_data=GroupSharing(on=not shared_in_groups),
     )
     builder.adjust(1)
     return builder.as_markup()
@@ -59,7 +72,12 @@ async def personalize(message: Message, agent: Agent, catalog: Catalog, lang: st
         text += "\n\n" + catalog.text(
             lang, "personalize.instructions_current", instructions=profile.user.instructions
         )
-    await message.answer(text, reply_markup=menu_keyboard(agent, catalog, lang, profile.role.id))
+    text += "\n\n" + catalog.text(
+        lang, "personalize.groups_on" if profile.user.private_data_in_groups else "personalize.groups_off"
+    )
+    await message.answer(text, reply_markup=menu_keyboard(
+        agent, catalog, lang, profile.role.id, profile.user.private_data_in_groups
+    ))
 
 
 async def choose_role(
@@ -70,11 +88,29 @@ async def choose_role(
         await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
         return
     await query.answer()
+    profile = await agent.profile(query.from_user.id, lang)
     if isinstance(query.message, Message):
         await query.message.edit_text(
             catalog.text(lang, "personalize.role_set", role=role.label(lang), description=role.describe(lang)),
-            reply_markup=menu_keyboard(agent, catalog, lang, role.id),
+            reply_markup=menu_keyboard(
+                agent, catalog, lang, role.id, profile.user.private_data_in_groups
+            ),
         )
+
+
+async def toggle_group_sharing(
+    query: CallbackQuery, callback_data: GroupSharing, agent: Agent, catalog: Catalog,
+    lang: str | None,
+) -> None:
+    await agent.set_private_data_in_groups(query.from_user.id, callback_data.on)
+    profile = await agent.profile(query.from_user.id, lang)
+    await query.answer(catalog.plain(
+        lang, "personalize.groups_on" if callback_data.on else "personalize.groups_off"
+    ), show_alert=True)
+    if isinstance(query.message, Message):
+        await query.message.edit_reply_markup(reply_markup=menu_keyboard(
+            agent, catalog, lang, profile.role.id, callback_data.on
+        ))
 
 
 async def ask_instructions(
@@ -129,10 +165,19 @@ async def save_instructions(
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
+    # Groups get a pointer to the private chat (handlers/commands.py): instructions are private.
+    router.message.filter(HasText())
+    router.callback_query.filter(InOwnersPrivateChat())
     router.message(Command("personalize"))(personalize)
+    router.callback_query(GroupSharing.filter())(toggle_group_sharing)
     router.callback_query(RoleChoice.filter())(choose_role)
     router.callback_query(InstructionsAction.filter(F.action == "edit"))(ask_instructions)
     router.callback_query(InstructionsAction.filter(F.action == "clear"))(clear_instructions)
     router.callback_query(InstructionsAction.filter(F.action == "cancel"))(cancel_instructions)
-    router.message(StateFilter(Personalize.waiting_for_instructions), F.text, ~F.text.startswith("/"))(save_instructions)
+    # Only where the question was asked: a state left in a group from an older version must
+    # not turn someone's group message into their instructions.
+    router.message(
+        StateFilter(Personalize.waiting_for_instructions), F.chat.type == "private",
+        ~F.text.startswith("/"),
+    )(save_instructions)
     return router

@@ -11,6 +11,7 @@ from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.agent import Agent, SessionEnd
+from handlers.filters import HasText, InOwnersPrivateChat, is_private
 from handlers.i18n import Catalog
 from storage.models import ChatSession
 
@@ -58,7 +59,7 @@ async def start_session(
     assert message.from_user is not None
     title = (command.args or "").strip()[:MAX_TITLE] or None
     ended, session = await agent.start_session(message.from_user.id, message.chat.id, title, lang)
-    if ended is not None and ended.outcome == "summarised":
+    if ended is not None and ended.outcome == "summarised" and is_private(message):
         await message.answer(catalog.text(
             lang, "session.previous_ended", title=ended.title or catalog.plain(lang, "session.untitled")
         ))
@@ -74,8 +75,11 @@ async def end_session(message: Message, agent: Agent, catalog: Catalog, lang: st
     ended = await agent.end_session(message.from_user.id, message.chat.id)
     if ended is None:
         await message.answer(catalog.text(lang, "session.nothing_to_end"))
-        return
-    await message.answer(end_text(ended, catalog, lang))
+    elif not is_private(message):
+        # A summary is the user's private data: it is shown in their private chat only.
+        await message.reply(catalog.text(lang, "session.ended_in_group"))
+    else:
+        await message.answer(end_text(ended, catalog, lang))
 
 
 async def list_sessions(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
@@ -161,6 +165,9 @@ def _item(index: int, session: ChatSession, agent: Agent, catalog: Catalog, lang
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
+    router.message.filter(HasText())
+    # Session lists and summaries are private: their buttons work in the owner's private chat.
+    router.callback_query.filter(InOwnersPrivateChat())
     router.message(Command("start_session"))(start_session)
     router.message(Command("end_session"))(end_session)
     router.message(Command("list_sessions"))(list_sessions)

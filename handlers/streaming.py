@@ -33,6 +33,9 @@ class ChatPacer:
     async def refresh(self, chat_id: int) -> None:
         """Nothing to learn: in one process every send to a chat goes through this pacer."""
 
+    async def forget(self, chat_id: int) -> None:
+        self._last.pop(chat_id, None)
+
     def mark(self, chat_id: int) -> None:
         self._last[chat_id] = time.monotonic()
         if len(self._last) > 10_000:  # forget chats that went quiet long ago

@@ -38,8 +38,9 @@ class WebhookServer:
         self.dispatcher = dispatcher
         self.delivery = delivery
         self.redis = redis
+        assert settings.webhook_secret is not None  # bot.py refuses webhook mode without one
         self.path = urlsplit(settings.webhook_url).path or "/"
-        self.secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        self.secret = settings.webhook_secret.get_secret_value()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -48,10 +49,9 @@ class WebhookServer:
         return app
 
     async def receive(self, request: web.Request) -> web.Response:
-        if self.secret is not None:
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), self.secret.encode()):
-                return web.Response(status=401, text="unauthorized")
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.secret.encode()):
+            return web.Response(status=401, text="unauthorized")
         try:
             update = Update.model_validate(await request.json(), context={"bot": self.bot})
         except (json.JSONDecodeError, ValidationError, UnicodeDecodeError):

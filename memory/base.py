@@ -1,4 +1,4 @@
-"""The long-term memory interface: per-user summaries, searched by meaning."""
+"""The long-term memory interface: per-user summaries, scoped to the chat they were made in."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class MemoryItem:
     role: str | None
     started_at: dt.datetime | None
     ended_at: dt.datetime | None
+    chat_id: int | None = None  # the group chat it was made in; None: the user's private chat
 
     @property
     def id(self) -> str:
@@ -38,10 +39,45 @@ class MemoryHit:
     score: float
 
 
+@dataclass(frozen=True)
+class MemoryScope:
+    """Which of a user's memories a conversation may draw on.
+
+    A private chat draws on the user's private memories. A group draws on what the user said in
+    that group, and on their private memories only when the user allowed it (README, "Groups").
+    """
+
+    group_id: int | None = None  # None: the user's private chat
+    with_private: bool = True
+
+    @classmethod
+    def for_chat(cls, user_id: int, chat_id: int, private_in_groups: bool) -> MemoryScope:
+        # Telegram gives a private chat the id of the user it is with.
+        if chat_id == user_id:
+            return cls()
+        return cls(group_id=chat_id, with_private=private_in_groups)
+
+    def admits(self, chat_id: int | None) -> bool:
+        """Whether a memory made in `chat_id` (None: private) may be drawn on here."""
+        if chat_id is None:
+            return self.with_private
+        return chat_id == self.group_id
+
+
+PRIVATE = MemoryScope()
+
+
+def chat_scope(user_id: int, chat_id: int) -> int | None:
+    """What a memory made in this chat is scoped to: None for the user's private chat."""
+    return None if chat_id == user_id else chat_id
+
+
 class MemoryStore(Protocol):
     """Every method is scoped to one user: no call can reach another user's memories."""
 
-    async def search(self, user_id: int, vector: list[float], k: int) -> list[MemoryHit]: ...
+    async def search(
+        self, user_id: int, vector: list[float], k: int, scope: MemoryScope = PRIVATE
+    ) -> list[MemoryHit]: ...
 
     async def add(self, item: MemoryItem, vector: list[float]) -> None: ...
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from memory.base import MemoryHit, MemoryItem
+from memory.base import PRIVATE, MemoryHit, MemoryItem, MemoryScope
 from storage.models import MemoryRecord
 from storage.repositories import Memories
 
@@ -20,6 +20,7 @@ class _UserIndex:
     """One user's memories as a normalised matrix: searched without touching SQL or Fernet."""
 
     ids: list[str]
+    chats: list[int | None]  # the chat each memory was made in (None: private)
     matrix: np.ndarray  # (n, dims) float32, rows L2-normalised
 
 
@@ -36,7 +37,9 @@ class LocalMemory:
         index = await self._index(user_id)
         return bool(index.ids)
 
-    async def search(self, user_id: int, vector: list[float], k: int) -> list[MemoryHit]:
+    async def search(
+        self, user_id: int, vector: list[float], k: int, scope: MemoryScope = PRIVATE
+    ) -> list[MemoryHit]:
         index = await self._index(user_id)
         if not index.ids or k <= 0:
             return []
@@ -44,7 +47,9 @@ class LocalMemory:
         if query.shape[0] != index.matrix.shape[1]:
             return []  # the embedding model changed; old vectors are not comparable
         scores = index.matrix @ query
-        top = np.argsort(-scores)[:k]
+        admitted = np.fromiter((scope.admits(chat) for chat in index.chats), dtype=bool)
+        scores = np.where(admitted, scores, -np.inf)
+        top = [i for i in np.argsort(-scores)[:k] if admitted[i]]
         wanted = {index.ids[i]: float(scores[i]) for i in top}
         async with self._sessions() as db:
             records = await Memories(db).by_ids(user_id, list(wanted))
@@ -55,7 +60,8 @@ class LocalMemory:
 
     async def add(self, item: MemoryItem, vector: list[float]) -> None:
         record = MemoryRecord(
-            id=item.id, user_id=item.user_id, session_id=item.session_id, title=item.title,
+            id=item.id, user_id=item.user_id, session_id=item.session_id, chat_id=item.chat_id,
+            title=item.title,
             text=item.text, role=item.role,
             embedding=np.asarray(vector, dtype=np.float32).tobytes(),
             started_at=item.started_at, ended_at=item.ended_at,
@@ -98,13 +104,16 @@ class LocalMemory:
     async def _load(self, user_id: int) -> _UserIndex:
         async with self._sessions() as db:
             stored = await Memories(db).vectors_for(user_id)
-        rows = [(memory_id, np.frombuffer(vector, dtype=np.float32)) for memory_id, vector in stored]
+        rows = [
+            (memory_id, chat_id, np.frombuffer(vector, dtype=np.float32))
+            for memory_id, chat_id, vector in stored
+        ]
         if not rows:
-            return _UserIndex([], np.zeros((0, 0), dtype=np.float32))
-        dims = rows[-1][1].shape[0]
-        rows = [(i, v) for i, v in rows if v.shape[0] == dims]
-        matrix = np.stack([_normalise(v) for _, v in rows]).astype(np.float32)
-        return _UserIndex([i for i, _ in rows], matrix)
+            return _UserIndex([], [], np.zeros((0, 0), dtype=np.float32))
+        dims = rows[-1][2].shape[0]
+        rows = [row for row in rows if row[2].shape[0] == dims]
+        matrix = np.stack([_normalise(v) for _, _, v in rows]).astype(np.float32)
+        return _UserIndex([i for i, _, _ in rows], [c for _, c, _ in rows], matrix)
 
 
 def _normalise(vector: np.ndarray) -> np.ndarray:

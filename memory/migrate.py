@@ -51,7 +51,7 @@ class LocalSource:
             (
                 MemoryItem(
                     user_id=r.user_id, session_id=r.session_id, title=r.title, text=r.text,
-                    role=r.role, started_at=r.started_at, ended_at=r.ended_at,
+                    role=r.role, started_at=r.started_at, ended_at=r.ended_at, chat_id=r.chat_id,
                 ),
                 np.frombuffer(r.embedding, dtype=np.float32).astype(float).tolist(),
             )

@@ -22,7 +22,7 @@ from pinecone.openapi_support.retry_aiohttp import JitterRetry
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from memory.base import MemoryHit, MemoryItem
+from memory.base import PRIVATE, MemoryHit, MemoryItem, MemoryScope
 from storage.models import User, utcnow
 from storage.outbox import Outbox
 
@@ -151,19 +151,23 @@ class PineconeMemory:
             return True
         return False
 
-    async def search(self, user_id: int, vector: list[float], k: int) -> list[MemoryHit]:
+    async def search(
+        self, user_id: int, vector: list[float], k: int, scope: MemoryScope = PRIVATE
+    ) -> list[MemoryHit]:
         if k <= 0:
             return []
         index = await self._index()
         response = await self._call("query", index.query(
             namespace=namespace_for(user_id), vector=_floats(vector), top_k=k,
-            include_metadata=True,
-            filter={"user_id": {"$eq": user_id}},  # the namespace already isolates; belt and braces
+            include_metadata=True, filter=_scope_filter(user_id, scope),
         ))
         hits = []
         for match in response.matches or []:
             metadata = dict(match.metadata or {})
-            if _int(metadata.get("user_id")) != user_id:
+            # The filter already holds both; checked again so a filter Pinecone ignored leaks nothing.
+            if _int(metadata.get("user_id")) != user_id or not scope.admits(
+                _int(metadata.get("chat_id"))
+            ):
                 continue
             hits.append(MemoryHit(
                 id=match.id, text=str(metadata.get("text", "")), title=metadata.get("title"),
@@ -418,7 +422,8 @@ def _metadata(item: MemoryItem, written_at: dt.datetime) -> dict[str, Any]:
         "text": text, "written_at": written_at.isoformat(),
     }
     optional = {
-        "session_id": item.session_id, "title": item.title, "role": item.role,
+        "session_id": item.session_id, "chat_id": item.chat_id, "title": item.title,
+        "role": item.role,
         "started_at": item.started_at.isoformat() if item.started_at else None,
         "ended_at": item.ended_at.isoformat() if item.ended_at else None,
     }
@@ -431,8 +436,18 @@ def _item_from_metadata(user_id: int, metadata: dict[str, Any]) -> MemoryItem:
         user_id=user_id, session_id=_int(metadata.get("session_id")),
         title=metadata.get("title"), text=str(metadata.get("text", "")),
         role=metadata.get("role"), started_at=_parse_dt(metadata.get("started_at")),
-        ended_at=_parse_dt(metadata.get("ended_at")),
+        ended_at=_parse_dt(metadata.get("ended_at")), chat_id=_int(metadata.get("chat_id")),
     )
+
+
+def _scope_filter(user_id: int, scope: MemoryScope) -> dict[str, Any]:
+    """The scope as a metadata filter: private memories carry no chat_id (Pinecone has no null)."""
+    allowed = []
+    if scope.with_private:
+        allowed.append({"chat_id": {"$exists": False}})
+    if scope.group_id is not None:
+        allowed.append({"chat_id": {"$eq": scope.group_id}})
+    return {"$and": [{"user_id": {"$eq": user_id}}, {"$or": allowed}]}
 
 
 def _export_record(vector_id: str, metadata: dict[str, Any], *, store: str) -> dict[str, Any]:
@@ -456,7 +471,7 @@ def encode_payload(item: MemoryItem, vector: list[float]) -> str:
         "v": 1,
         "item": {
             "user_id": item.user_id, "session_id": item.session_id, "title": item.title,
-            "text": item.text, "role": item.role,
+            "text": item.text, "role": item.role, "chat_id": item.chat_id,
             "started_at": item.started_at.isoformat() if item.started_at else None,
             "ended_at": item.ended_at.isoformat() if item.ended_at else None,
         },
@@ -470,7 +485,7 @@ def decode_payload(payload: str) -> tuple[MemoryItem, list[float]]:
     item = MemoryItem(
         user_id=int(raw["user_id"]), session_id=raw.get("session_id"), title=raw.get("title"),
         text=raw["text"], role=raw.get("role"), started_at=_parse_dt(raw.get("started_at")),
-        ended_at=_parse_dt(raw.get("ended_at")),
+        ended_at=_parse_dt(raw.get("ended_at")), chat_id=raw.get("chat_id"),
     )
     vector = np.frombuffer(base64.b64decode(data["vector"]), dtype="<f4").astype(float).tolist()
     return item, vector

@@ -59,7 +59,10 @@ class _Statements:
     """Every statement of the message path, built once per dialect (ON CONFLICT differs)."""
 
     def __init__(self, dialect_insert: Any) -> None:
-        self.user = select(users.c.id, users.c.role, users.c.instructions, users.c.language).where(
+        self.user = select(
+            users.c.id, users.c.role, users.c.instructions, users.c.language,
+            users.c.private_data_in_groups,
+        ).where(
             users.c.id == bindparam("user_id")
         )
         self.add_user = dialect_insert(users).on_conflict_do_nothing(index_elements=["id"])
@@ -67,6 +70,7 @@ class _Statements:
         self.user_and_session = (
             select(
                 users.c.id, users.c.role, users.c.instructions, users.c.language,
+                users.c.private_data_in_groups,
                 chat_sessions.c.id.label("session_id"), chat_sessions.c.role.label("session_role"),
             )
             .select_from(users.outerjoin(chat_sessions, (chat_sessions.c.user_id == users.c.id)
@@ -293,7 +297,8 @@ def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.da
 
 
 def user_and_session(conn: Connection, user_id: int, chat_id: int) -> Row[Any] | None:
-    """(id, role, instructions, language, session_id, session_role) of the user and of their
+    """(id, role, instructions, language, private_data_in_groups, session_id, session_role) of the
+    user and of their
     open session in this chat (session columns None when there is none); None: no such user."""
     return conn.execute(
         _sql(conn).user_and_session, {"user_id": user_id, "chat_id": chat_id}

@@ -53,8 +53,8 @@ def _session(row: ChatSession) -> dict[str, Any]:
 
 def _memory(row: MemoryRecord) -> dict[str, Any]:
     return {
-        "id": row.id, "session_id": row.session_id, "title": row.title, "text": row.text,
-        "role": row.role, "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
+        "id": row.id, "session_id": row.session_id, "chat_id": row.chat_id, "title": row.title,
+        "text": row.text, "role": row.role, "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
         "created_at": _iso(row.created_at),
     }
 
@@ -153,7 +153,9 @@ async def export_user(db: AsyncSession, user_id: int) -> dict[str, Any]:
         "exported_at": _iso(dt.datetime.now(dt.UTC)),
         "user": None if user is None else {
             "telegram_id": user.id, "language": user.language, "role": user.role,
-            "custom_instructions": user.instructions, "created_at": _iso(user.created_at),
+            "custom_instructions": user.instructions,
+            "private_data_in_groups": user.private_data_in_groups,
+            "created_at": _iso(user.created_at),
         },
         **sections,
     }

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Float,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -86,6 +88,10 @@ class User(Base):
     language: Mapped[str] = mapped_column(String(16), default="en")
     role: Mapped[str | None] = mapped_column(String(64))
     instructions: Mapped[str | None] = mapped_column(EncryptedText)
+    # The user's own say: their private memory and instructions may shape their answers in groups.
+    private_data_in_groups: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -175,6 +181,8 @@ class MemoryRecord(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"))
     session_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The group chat the memory was made in; NULL: the user's private chat.
+    chat_id: Mapped[int | None] = mapped_column(BigInteger)
     title: Mapped[str | None] = mapped_column(EncryptedText)
     text: Mapped[str] = mapped_column(EncryptedText)
     role: Mapped[str | None] = mapped_column(String(64))

@@ -67,6 +67,11 @@ class Users:
     async def set_role(self, user_id: int, role: str) -> None:
         await self.db.execute(update(User).where(User.id == user_id).values(role=role))
 
+    async def set_private_data_in_groups(self, user_id: int, allowed: bool) -> None:
+        await self.db.execute(
+            update(User).where(User.id == user_id).values(private_data_in_groups=allowed)
+        )
+
     async def set_instructions(self, user_id: int, instructions: str | None) -> None:
         await self.db.execute(
             update(User).where(User.id == user_id).values(instructions=instructions)
@@ -279,14 +284,14 @@ class Memories:
         stmt = select(MemoryRecord).where(MemoryRecord.id.in_(list(ids)))
         return [r for r in (await self.db.execute(stmt)).scalars() if r.user_id == user_id]
 
-    async def vectors_for(self, user_id: int) -> list[tuple[str, bytes]]:
-        """(id, embedding) of every memory of the user: what a search index needs, nothing more."""
+    async def vectors_for(self, user_id: int) -> list[tuple[str, int | None, bytes]]:
+        """(id, chat, embedding) of every memory of the user: what a search index needs."""
         stmt = (
-            select(MemoryRecord.id, MemoryRecord.embedding)
+            select(MemoryRecord.id, MemoryRecord.chat_id, MemoryRecord.embedding)
             .where(MemoryRecord.user_id == user_id, MemoryRecord.embedding.is_not(None))
             .order_by(MemoryRecord.created_at)
         )
-        return [(row.id, row.embedding) for row in await self.db.execute(stmt)]
+        return [(row.id, row.chat_id, row.embedding) for row in await self.db.execute(stmt)]
 
     async def count(self, user_id: int) -> int:
         return int(await self.db.scalar(

@@ -41,6 +41,7 @@ class StoredQuestion:
     question_id: int
     instructions: str | None
     history: list[HistoryEntry]  # the session's latest answered exchanges before it, oldest first
+    private_in_groups: bool = False  # the user lets their private data into their group answers
     started: bool = False  # the session was opened for this message
     resumed: bool = False  # a crash left it unanswered; it is answered now
 
@@ -63,7 +64,8 @@ def _store_question(
             return None  # a redelivery
         question_id, history = asked
         return StoredQuestion(
-            known.session_id, known.session_role, question_id, known.instructions, history
+            known.session_id, known.session_role, question_id, known.instructions, history,
+            known.private_data_in_groups,
         )
     session.commit()  # ends the statement-by-statement connection, if any
     return _store_opening(session, new, choose_role, now)
@@ -90,7 +92,8 @@ def _store_opening(
     question_id, history = asked
     session.commit()
     return StoredQuestion(
-        chat_session.id, chat_session.role, question_id, user.instructions, history, started
+        chat_session.id, chat_session.role, question_id, user.instructions, history,
+        user.private_data_in_groups, started,
     )
 
 

@@ -93,7 +93,9 @@ async def test_memory_of_an_ended_session_is_recalled_later(
     assert "The user has a cat named Ptolemy" in memory_block
     query = fake_pinecone.requests_for("query")[-1].json
     assert query["namespace"] == "user-3" and query["includeMetadata"] is True
-    assert query["filter"] == {"user_id": {"$eq": 3}}
+    assert query["filter"] == {
+        "$and": [{"user_id": {"$eq": 3}}, {"$or": [{"chat_id": {"$exists": False}}]}]
+    }  # the user, and their private memories only (a private chat)
 
 
 async def test_two_users_never_share_a_namespace(
