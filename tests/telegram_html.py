@@ -156,7 +156,10 @@ _ENTITY_TAGS = {
 _ENTITY_ORDER = {kind: rank for rank, kind in enumerate(_ENTITY_TAGS)}
 
 
-def _as_dict(entity: Mapping[str, Any] | MessageEntity | telegramify_markdown.MessageEntity) -> dict[str, Any]:
+AnyEntity = Mapping[str, Any] | MessageEntity | telegramify_markdown.MessageEntity
+
+
+def _as_dict(entity: AnyEntity) -> dict[str, Any]:
     if isinstance(entity, Mapping):
         return dict(entity)
     if isinstance(entity, MessageEntity):
@@ -164,7 +167,7 @@ def _as_dict(entity: Mapping[str, Any] | MessageEntity | telegramify_markdown.Me
     return entity.to_dict()
 
 
-def entities_html(text: str, entities: Sequence[Mapping[str, Any] | MessageEntity | telegramify_markdown.MessageEntity] | None) -> str:
+def entities_html(text: str, entities: Sequence[AnyEntity] | None) -> str:
     """The Telegram HTML equivalent of text + entities, so check_telegram_html can judge them.
 
     Fails where Telegram would reject or mangle the entities: out of the text, empty, partly
@@ -183,7 +186,7 @@ def entities_html(text: str, entities: Sequence[Mapping[str, Any] | MessageEntit
         try:
             out.append(html_lib.escape(raw[pos * 2 : end * 2].decode("utf-16-le"), quote=False))
         except UnicodeDecodeError:
-            raise TelegramHTMLError(f"an entity boundary at {pos} or {end} splits a character")
+            raise TelegramHTMLError(f"an entity boundary at {pos} or {end} splits a character") from None
         pos = end
 
     for entity in items:
@@ -211,6 +214,6 @@ def entities_html(text: str, entities: Sequence[Mapping[str, Any] | MessageEntit
     return "".join(out)
 
 
-def check_entities(text: str, entities: Sequence[Mapping[str, Any] | MessageEntity | telegramify_markdown.MessageEntity] | None) -> str:
+def check_entities(text: str, entities: Sequence[AnyEntity] | None) -> str:
     """Raise TelegramHTMLError unless Telegram accepts the entities as they are; the visible text."""
     return check_telegram_html(entities_html(text, entities))

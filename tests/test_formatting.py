@@ -12,15 +12,18 @@ from handlers.formatting import (
     MIN_LIMIT,
     TELEGRAM_LIMIT,
     Part,
-    render,
     render_parts,
     strip_html,
     utf16_len,
 )
 from tests.telegram_html import TelegramHTMLError, check_entities, check_telegram_html, entities_html
 
-
 PY = '<pre><code class="language-python">'
+
+
+def render(markdown: str) -> Part:
+    """The whole answer as one message, however long."""
+    return (render_parts(markdown, limit=10**9) or [Part("", [])])[0]
 
 
 def no_space(text: str) -> str:
@@ -424,13 +427,16 @@ def test_checker_rejects_what_telegram_rejects() -> None:
 
 def test_entity_checker_rejects_what_telegram_rejects() -> None:
     """Entities are judged as their HTML would be, plus what only entities can get wrong."""
+    def e(kind: str, offset: int, length: int) -> dict[str, object]:
+        return {"type": kind, "offset": offset, "length": length}
+
     for text, entities in [
-        ("abc", [{"type": "bold", "offset": 0, "length": 2}, {"type": "italic", "offset": 1, "length": 2}]),
-        ("abc", [{"type": "bold", "offset": 2, "length": 5}]),
-        ("abc", [{"type": "bold", "offset": 1, "length": 0}]),
-        ("😀", [{"type": "bold", "offset": 0, "length": 1}]),
-        ("abc", [{"type": "code", "offset": 0, "length": 3}, {"type": "bold", "offset": 1, "length": 1}]),
-        ("ab", [{"type": "blockquote", "offset": 0, "length": 2}, {"type": "blockquote", "offset": 1, "length": 1}]),
-    ]:  # fmt: skip
+        ("abc", [e("bold", 0, 2), e("italic", 1, 2)]),  # partly overlapping
+        ("abc", [e("bold", 2, 5)]),  # past the end
+        ("abc", [e("bold", 1, 0)]),  # empty
+        ("😀", [e("bold", 0, 1)]),  # half a surrogate pair
+        ("abc", [e("code", 0, 3), e("bold", 1, 1)]),  # style inside code
+        ("ab", [e("blockquote", 0, 2), e("blockquote", 1, 1)]),  # nested quotes
+    ]:
         with pytest.raises(TelegramHTMLError):
             check_entities(text, entities)
