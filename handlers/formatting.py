@@ -29,7 +29,7 @@ class Part(NamedTuple):
     entities: list[_Entity]
 
     def telegram_entities(self) -> list[MessageEntity]:
-        """aiogram's entities, built only for what is sent (a pydantic model costs ~30 µs)."""
+        """aiogram's entities, built only for what is sent: pydantic models are costly to make."""
         return [MessageEntity(**entity.to_dict()) for entity in self.entities]
 
 
@@ -114,8 +114,9 @@ def _legal(found: list[_Entity]) -> list[_Span]:
     code_starts = [s.start for s in code]
     quotes = _outermost(s for s in spans if s.type in _QUOTES)
     # Styles may neither contain code nor be part of it (Bot API); bold in bold is just bold.
-    styles = [piece for kind in _STYLES for piece in _outermost(
-        piece for s in spans if s.type == kind for piece in _outside(s, code, code_starts))]
+    styles: list[_Span] = []
+    for kind in _STYLES:
+        styles += _outermost(p for s in spans if s.type == kind for p in _outside(s, code, code_starts))
     return code + links + quotes + styles
 
 
@@ -163,16 +164,6 @@ def _entities(spans: list[_Span], ranges: list[tuple[int, int]]) -> list[list[_E
     return out
 
 
-def _convert(markdown: str) -> tuple[str, list[_Span]]:
-    """Stripped text and legal spans; lone surrogates (unencodable) become U+FFFD."""
-    markdown = _LONE_SURROGATE.sub("\ufffd", markdown)
-    text, found = telegramify_markdown.convert(_guard(markdown))
-    if not text.strip():  # a lone ``` or > would show nothing: show it as typed instead
-        return markdown.replace("\r\n", "\n").replace("\r", "\n").strip(), []
-    shift = utf16_len(text) - utf16_len(text.lstrip())
-    return text.strip(), [s._replace(start=s.start - shift, end=s.end - shift) for s in _legal(found)]
-
-
 def render_parts(markdown: str, limit: int = TELEGRAM_LIMIT) -> list[Part]:
     """Split an answer into messages of at most `limit` UTF-16 units; [] for blank input.
 
@@ -181,7 +172,13 @@ def render_parts(markdown: str, limit: int = TELEGRAM_LIMIT) -> list[Part]:
     """
     if limit < MIN_LIMIT:
         raise ValueError(f"limit must be at least {MIN_LIMIT}, got {limit}")
-    text, spans = _convert(markdown)
+    markdown = _LONE_SURROGATE.sub("\ufffd", markdown)  # unencodable: the parser would raise
+    text, found = telegramify_markdown.convert(_guard(markdown))
+    spans = _legal(found)
+    if not text.strip():  # a lone ``` or > would show nothing: show it as typed instead
+        text, spans = markdown.replace("\r\n", "\n").replace("\r", "\n"), []
+    lead = utf16_len(text) - utf16_len(text.lstrip())  # stripped here as Telegram would: offsets follow
+    text, spans = text.strip(), [s._replace(start=s.start - lead, end=s.end - lead) for s in spans]
     units = list(accumulate((2 if ch > "\uffff" else 1 for ch in text), initial=0))
     ranges, start = [], 0
     while start < len(text):
