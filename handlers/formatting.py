@@ -1,4 +1,4 @@
-"""Model Markdown to Telegram text + entities via telegramify-markdown (CommonMark, UTF-16)."""
+"""Markdown to Telegram text + entities via telegramify-markdown: a CommonMark parser, nothing to misparse."""
 
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def _guard(markdown: str) -> str:
     source, out, pos = markdown.encode(), [], 0
     for event, span in pyromark.events_with_range(markdown, options=_OPTIONS):
         start = event.get("Start") if isinstance(event, dict) else None
-        code = isinstance(start, dict) and "CodeBlock" in start
-        if code or (isinstance(event, dict) and {"Code", "InlineMath", "DisplayMath"} & event.keys()):
+        block = isinstance(start, dict) and "CodeBlock" in start
+        inline = isinstance(event, dict) and bool({"Code", "InlineMath", "DisplayMath"} & event.keys())
+        if (block or inline) and span["start"] >= pos:  # regions never nest; be sure of it
             out.append(_LITERAL.sub(_escape, source[pos : span["start"]].decode()))
             out.append(source[span["start"] : span["end"]].decode())
             pos = span["end"]
