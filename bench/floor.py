@@ -165,7 +165,6 @@ async def aiogram_ops(base_url: str, n: int) -> list[Op]:
     from aiogram import Bot, Dispatcher, Router
     from aiogram.client.session.aiohttp import AiohttpSession
     from aiogram.client.telegram import TelegramAPIServer
-    from aiogram.enums import ParseMode
     from aiogram.filters import Filter
     from aiogram.types import Message, Update
 
@@ -186,7 +185,7 @@ async def aiogram_ops(base_url: str, n: int) -> list[Op]:
 
     dispatcher = Dispatcher()
     dispatcher.include_router(router)
-    html = render_parts(ANSWER)[0]
+    part = render_parts(ANSWER)[0]
     raw = text_update(1)
     update = Update.model_validate(raw, context={"bot": bot})
     try:
@@ -198,10 +197,12 @@ async def aiogram_ops(base_url: str, n: int) -> list[Op]:
             await measure(Op("dispatch it to one async handler", "aiogram", 1),
                           lambda: dispatcher.feed_update(bot, update), n),
             await measure(Op("sendMessageDraft", "aiogram", 1),
-                          lambda: bot.send_message_draft(chat_id=4242, draft_id=7, text=html,
-                                                         parse_mode=ParseMode.HTML), n),
-            await measure(Op("sendMessage (answer, HTML)", "aiogram", 1),
-                          lambda: bot.send_message(4242, html, parse_mode=ParseMode.HTML), n),
+                          lambda: bot.send_message_draft(
+                              chat_id=4242, draft_id=7, text=part.text, parse_mode=None,
+                              entities=part.telegram_entities()), n),
+            await measure(Op("sendMessage (answer, entities)", "aiogram", 1),
+                          lambda: bot.send_message(4242, part.text, parse_mode=None,
+                                                   entities=part.telegram_entities()), n),
         ]
     finally:
         await bot.session.close()

@@ -8,17 +8,17 @@ import random
 import time
 
 from aiogram import Bot
-from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
-from aiogram.types import Message, ReplyParameters
+from aiogram.types import Message, MessageEntity, ReplyParameters
 
-from handlers.formatting import render_parts, strip_html
+from handlers.formatting import TELEGRAM_LIMIT, Part, render_parts
 
 log = logging.getLogger(__name__)
 
 DRAFT_INTERVAL = 0.3  # ~3 drafts a second: smooth, and well below Telegram's flood threshold
 EDIT_INTERVAL = 1.0  # edits count as messages: at most one a second per chat
 PREVIEW_LIMIT = 4000  # a preview shows the tail of a long answer within one message
+CURSOR = " ▍"
 
 
 class ChatPacer:
@@ -58,7 +58,7 @@ class AnswerStream:
         self.draft_id = random.randint(1, 2**31 - 1)
         self.placeholder: Message | None = None
         self._text = ""
-        self._shown = ""
+        self._shown: Part | None = None
         self._changed = asyncio.Event()
         self._closed = False
         self._finished = asyncio.Event()
@@ -89,21 +89,24 @@ class AnswerStream:
         await self._stop_painter()
         await self._drop_placeholder()
 
-    async def _deliver_part(self, index: int, part: str) -> Message:
-        """One part as HTML; if Telegram cannot parse it, the same part as plain text (once)."""
+    async def _deliver_part(self, index: int, part: Part) -> Message:
+        """One part with its entities; if Telegram rejects them, the same text plain (once)."""
         try:
-            return await self._send_part(index, part, ParseMode.HTML)
+            return await self._send_part(index, part.text, part.telegram_entities())
         except TelegramBadRequest as exc:
-            if "parse" not in str(exc).lower():
+            if not any(word in str(exc).lower() for word in ("parse", "entit", "url")):
                 raise
             log.warning("formatting rejected by Telegram: part %d sent as plain text", index)
-            return await self._send_part(index, strip_html(part), None)
+            return await self._send_part(index, part.text, None)
 
-    async def _send_part(self, index: int, part: str, parse_mode: ParseMode | None) -> Message:
+    async def _send_part(
+        self, index: int, text: str, entities: list[MessageEntity] | None
+    ) -> Message:
+        # parse_mode=None always: the bot's default is HTML, which would read the text as markup.
         if index == 0 and self.placeholder is not None:
-            return await self._edit_placeholder(part, parse_mode)
+            return await self._edit_placeholder(text, entities)
         sent = await self.bot.send_message(
-            self.chat_id, part, parse_mode=parse_mode,
+            self.chat_id, text, parse_mode=None, entities=entities,
             reply_parameters=self._reply() if index == 0 else None,
         )
         self.pacer.mark(self.chat_id)
@@ -114,12 +117,12 @@ class AnswerStream:
             return None
         return ReplyParameters(message_id=self.reply_to, allow_sending_without_reply=True)
 
-    async def _edit_placeholder(self, part: str, parse_mode: ParseMode | None) -> Message:
+    async def _edit_placeholder(self, text: str, entities: list[MessageEntity] | None) -> Message:
         assert self.placeholder is not None
         try:
             edited = await self.bot.edit_message_text(
-                part, chat_id=self.chat_id, message_id=self.placeholder.message_id,
-                parse_mode=parse_mode,
+                text, chat_id=self.chat_id, message_id=self.placeholder.message_id,
+                parse_mode=None, entities=entities,
             )
         except TelegramBadRequest as exc:
             if "not modified" not in str(exc):
@@ -161,7 +164,7 @@ class AnswerStream:
                 if self._closed:
                     return  # the answer is complete: the final message replaces any preview
             preview = self._preview()
-            if preview == self._shown:
+            if preview is None or preview == self._shown:
                 continue
             try:
                 await self._show(preview)
@@ -185,21 +188,25 @@ class AnswerStream:
         except TimeoutError:
             pass
 
-    def _preview(self) -> str:
-        tail = self._text[-PREVIEW_LIMIT:]
-        return render_parts(tail)[-1] + " ▍"
+    def _preview(self) -> Part | None:
+        """The last message's worth of the answer so far, with a cursor; None while blank."""
+        parts = render_parts(self._text[-PREVIEW_LIMIT:], TELEGRAM_LIMIT - len(CURSOR))
+        return Part(parts[-1].text + CURSOR, parts[-1].entities) if parts else None
 
-    async def _show(self, preview: str) -> None:
+    async def _show(self, preview: Part) -> None:
+        text, entities = preview.text, preview.telegram_entities()
         if self.use_drafts:
             await self.bot.send_message_draft(
-                chat_id=self.chat_id, draft_id=self.draft_id, text=preview, parse_mode=ParseMode.HTML
+                chat_id=self.chat_id, draft_id=self.draft_id, text=text, parse_mode=None,
+                entities=entities,
             )
         elif self.placeholder is None:
             self.placeholder = await self.bot.send_message(
-                self.chat_id, preview, parse_mode=ParseMode.HTML, reply_parameters=self._reply()
+                self.chat_id, text, parse_mode=None, entities=entities,
+                reply_parameters=self._reply(),
             )
         else:
             await self.bot.edit_message_text(
-                preview, chat_id=self.chat_id, message_id=self.placeholder.message_id,
-                parse_mode=ParseMode.HTML,
+                text, chat_id=self.chat_id, message_id=self.placeholder.message_id,
+                parse_mode=None, entities=entities,
             )

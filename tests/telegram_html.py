@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import html as html_lib
+from collections.abc import Mapping, Sequence
 from html.parser import HTMLParser
+from typing import Any
+
+import telegramify_markdown
+from aiogram.types import MessageEntity
 
 # Tags the Bot API accepts (core.telegram.org/bots/api#html-style); anything else is a 400.
 ALLOWED_TAGS = frozenset(
@@ -132,3 +138,82 @@ def is_telegram_html(html: str) -> bool:
     except TelegramHTMLError:
         return False
     return True
+
+
+# Entity types as tags (open, close). Equal ranges nest in this order, outermost first.
+_ENTITY_TAGS = {
+    "blockquote": ("<blockquote>", "</blockquote>"),
+    "expandable_blockquote": ("<blockquote expandable>", "</blockquote>"),
+    "pre": ("<pre>", "</pre>"),
+    "text_link": ('<a href="{url}">', "</a>"),
+    "bold": ("<b>", "</b>"),
+    "italic": ("<i>", "</i>"),
+    "underline": ("<u>", "</u>"),
+    "strikethrough": ("<s>", "</s>"),
+    "spoiler": ("<tg-spoiler>", "</tg-spoiler>"),
+    "code": ("<code>", "</code>"),
+}
+_ENTITY_ORDER = {kind: rank for rank, kind in enumerate(_ENTITY_TAGS)}
+
+
+AnyEntity = Mapping[str, Any] | MessageEntity | telegramify_markdown.MessageEntity
+
+
+def _as_dict(entity: AnyEntity) -> dict[str, Any]:
+    if isinstance(entity, Mapping):
+        return dict(entity)
+    if isinstance(entity, MessageEntity):
+        return entity.model_dump(exclude_none=True)
+    return entity.to_dict()
+
+
+def entities_html(text: str, entities: Sequence[AnyEntity] | None) -> str:
+    """The Telegram HTML equivalent of text + entities, so check_telegram_html can judge them.
+
+    Fails where Telegram would reject or mangle the entities: out of the text, empty, partly
+    overlapping, or cutting a surrogate pair (offsets are UTF-16 code units).
+    """
+    raw = text.encode("utf-16-le", "surrogatepass")
+    size = len(raw) // 2
+    items = [_as_dict(e) for e in entities or []]
+    items.sort(key=lambda e: (e["offset"], -e["length"], _ENTITY_ORDER.get(e["type"], 99)))
+    out: list[str] = []
+    stack: list[tuple[int, str]] = []  # (end, closing tags) of the open entities
+    pos = 0
+
+    def upto(end: int) -> None:
+        nonlocal pos
+        try:
+            out.append(html_lib.escape(raw[pos * 2 : end * 2].decode("utf-16-le"), quote=False))
+        except UnicodeDecodeError:
+            raise TelegramHTMLError(f"an entity boundary at {pos} or {end} splits a character") from None
+        pos = end
+
+    for entity in items:
+        kind, start, end = entity["type"], entity["offset"], entity["offset"] + entity["length"]
+        if kind not in _ENTITY_TAGS or entity["length"] <= 0 or start < 0 or end > size:
+            raise TelegramHTMLError(f"bad entity {entity} for a text of {size} units")
+        while stack and stack[-1][0] <= start:
+            closed_at, closing = stack.pop()
+            upto(closed_at)
+            out.append(closing)
+        if stack and end > stack[-1][0]:
+            raise TelegramHTMLError(f"entity {entity} partly overlaps another")
+        upto(start)
+        opening, closing = _ENTITY_TAGS[kind]
+        if kind == "pre" and entity.get("language"):
+            opening += f'<code class="language-{html_lib.escape(entity["language"])}">'
+            closing = "</code>" + closing
+        out.append(opening.format(url=html_lib.escape(entity.get("url") or "")))
+        stack.append((end, closing))
+    while stack:
+        closed_at, closing = stack.pop()
+        upto(closed_at)
+        out.append(closing)
+    upto(size)
+    return "".join(out)
+
+
+def check_entities(text: str, entities: Sequence[AnyEntity] | None) -> str:
+    """Raise TelegramHTMLError unless Telegram accepts the entities as they are; the visible text."""
+    return check_telegram_html(entities_html(text, entities))

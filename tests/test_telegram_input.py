@@ -99,11 +99,12 @@ async def test_unparseable_formatting_falls_back_to_plain_text(h: Harness) -> No
     h.tg.fail_next(
         "sendMessage", error_code=400,
         description="Bad Request: can't parse entities: unsupported start tag",
-        when=lambda p: p.get("parse_mode") == "HTML" and "bold" in str(p.get("text")),
+        when=lambda p: bool(p.get("entities")) and "bold" in str(p.get("text")),
     )
     update = h.tg.send_text(11, "format please")
     reply = await h.reply_to(update, lambda m: "bold" in (m.text or ""))
     assert reply.parse_mode is None and reply.raw_text == "Here is bold text."
+    assert reply.entities == []
     assert len([m for m in h.tg.chat_messages(11) if "bold" in (m.text or "")]) == 1
 
 
