@@ -20,7 +20,7 @@ from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import MemoryScope
 from storage.data_rights import DeletionReceipt, delete_user, export_user
-from storage.models import ChatSession, Message, User
+from storage.models import ChatSession, Message, User, utcnow
 from storage.repositories import Budget, Messages, Sessions, Users
 from storage.turns import NewQuestion, StoredQuestion, store_question
 
@@ -44,7 +44,6 @@ class Answer:
     text: str
     complete: bool  # False: the stream was cut and this is what arrived
     charged: int
-    update_settled: bool = False  # the inbox row was marked done with the answer's commit
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,6 @@ class Refusal:
 @dataclass(frozen=True)
 class Failure:
     kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted"]
-    update_settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +199,9 @@ class Agent:
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
     ) -> AsyncIterator[TurnEvent]:
         stored = await self._store_question(user_id, chat_id, text, update_id, language)
+        if isinstance(stored, Answer):
+            yield stored  # answered before, but its delivery never finished: deliver it now
+            return
         if stored is None:
             yield Duplicate()
             return
@@ -217,7 +218,7 @@ class Agent:
             # A group sees the user's own instructions only when the user allowed it.
             instructions=stored.instructions if scope.with_private else None,
             memory_scope=scope,
-            history=stored.history, trace=trace, update_id=update_id,
+            history=stored.history, trace=trace,
         )
         feed = DeltaFeed()
         context.on_delta = feed.push
@@ -252,7 +253,7 @@ class Agent:
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
-    ) -> StoredQuestion | None:
+    ) -> StoredQuestion | Answer | None:
         """Durably store the message before the model is called; None for a redelivery.
 
         The session's recent history is read in the same transaction: one round trip less.
@@ -273,9 +274,18 @@ class Agent:
 
     async def _resumable(
         self, db: AsyncSession, earlier: Message, user_id: int
-    ) -> StoredQuestion | None:
-        """A stored message still pending was cut off by a crash: answer it now. Else: a duplicate."""
-        if earlier.status != "pending" or earlier.user_id != user_id:
+    ) -> StoredQuestion | Answer | None:
+        """A message taken in before, processed again because its answer never reached the user
+        (a crash, a Telegram outage): a question still pending is answered now; an answer
+        already stored is delivered again, at no new cost. Anything else: a duplicate."""
+        if earlier.user_id != user_id:
+            return None
+        if earlier.status == "answered":
+            answer = await Messages(db).answer_to(earlier.id)
+            if answer is None:
+                return None
+            return Answer(answer.text, answer.status == "complete", charged=0)
+        if earlier.status != "pending":
             return None
         session = await db.get(ChatSession, earlier.session_id)
         user = await Users(db).get(user_id)
@@ -305,11 +315,10 @@ class Agent:
         if outcome == "deleted":
             return Failure("deleted")
         result = final.get("result")
-        settled = bool(final.get("update_settled"))
         if outcome in ("answered", "partial") and result is not None:
             complete = outcome == "answered" and not result.truncated
-            return Answer(result.text, complete, final.get("charged", 0), settled)
-        return Failure(result.fault if result is not None and result.fault else "error", settled)
+            return Answer(result.text, complete, final.get("charged", 0))
+        return Failure(result.fault if result is not None and result.fault else "error")
 
     def _save_trace(self, trace: RunTrace) -> None:
         trace.end()
@@ -340,12 +349,24 @@ class Agent:
         context = SummaryContext(
             services=self.services, user_id=session.user_id, session_id=session.id,
             role_id=session.role, title=session.title, reason=reason, trace=trace,
+            summary=session.summary if session.status == "summary_due" else None,
+            attempts=session.summary_attempts,
         )
         try:
             final = await self.summary_graph.ainvoke({}, context=context)
         finally:
             self._save_trace(trace)
         return SessionEnd(session.id, final["outcome"], final.get("title"), final.get("summary"))
+
+    async def make_due_summaries(self, now: dt.datetime | None = None) -> int:
+        """Sessions whose memory could not be made (no room, provider down), when due again."""
+        async with self.services.sessions() as db:
+            due = await Sessions(db).summaries_due(now or utcnow())
+        made = 0
+        for session in due:
+            ended = await self.summarise_session(session, session.end_reason or "command")
+            made += ended.outcome == "summarised"
+        return made
 
     async def list_sessions(
         self, user_id: int, offset: int, limit: int

@@ -33,7 +33,7 @@ def build_turn_graph() -> StateGraph:
 
 
 def build_summary_graph() -> StateGraph:
-    """transcript -> (summarise -> remember ->) close."""
+    """transcript -> (summarise -> remember ->) close; a retry with a summary only remembers."""
     graph = StateGraph(SummaryState, context_schema=SummaryContext)
     for name, node in (
         ("load_transcript", nodes.load_transcript),
@@ -44,9 +44,9 @@ def build_summary_graph() -> StateGraph:
         graph.add_node(name, traced(name, node))
     graph.add_edge(START, "load_transcript")
     graph.add_conditional_edges(
-        "load_transcript", nodes.after_transcript, ["summarise", "close_session"]
+        "load_transcript", nodes.after_transcript, ["summarise", "remember", "close_session"]
     )
-    graph.add_edge("summarise", "remember")
+    graph.add_conditional_edges("summarise", nodes.after_summary, ["remember", "close_session"])
     graph.add_edge("remember", "close_session")
     graph.add_edge("close_session", END)
     return graph

@@ -40,7 +40,6 @@ class TurnContext:
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
-    update_id: int | None = None  # the Telegram update being answered, marked done with the answer
     # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.
     reservation_id: str | None = None
     model_started: bool = False
@@ -57,3 +56,5 @@ class SummaryContext:
     title: str | None
     reason: str  # command | new_session | idle
     trace: RunTrace
+    summary: str | None = None  # made at an earlier attempt that could not remember it
+    attempts: int = 0  # summary attempts before this one

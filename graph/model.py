@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 # busy: rate limited; unavailable: 5xx or connection; timeout: no answer in time (may be billed);
 # quota: the provider account is out of credit; auth: bad key; error: anything else.
 FaultKind = Literal["busy", "unavailable", "timeout", "quota", "auth", "error"]
-RETRYABLE: frozenset[str] = frozenset({"busy", "unavailable", "timeout"})
+# Not "timeout": the provider may already bill the attempt that timed out, and a second would
+# be charged once only; the user gets the timeout message, the attempt its reservation.
+RETRYABLE: frozenset[str] = frozenset({"busy", "unavailable"})
 MAX_RETRY_AFTER = 20.0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import logging
+import math
 import re
 from typing import Any, Literal
 
@@ -17,14 +19,17 @@ from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_prompt, count_tokens
 from memory.base import MemoryHit, MemoryItem, chat_scope
 from storage import turns
-from storage.core import HistoryEntry, OverBudget
+from storage.core import HistoryEntry, OverBudget, next_reset
+from storage.models import utcnow
 from storage.repositories import Budget, Messages, Sessions
 
 log = logging.getLogger(__name__)
 
 # An answer shorter than this is not worth calling the model for: refuse instead.
 MIN_OUTPUT_TOKENS = 64
+PROMPT_MARGIN, PROMPT_MARGIN_TOKENS = 1.1, 16
 SUMMARY_MAX_CHARS = 1500
+MEMORY_TOKENS_EACH = SUMMARY_MAX_CHARS // 2  # a generous bound on a summary's tokens
 MEMORY_OPEN, MEMORY_CLOSE = "<memory>", "</memory>"
 
 
@@ -38,6 +43,8 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
     try:
         if k == 0 or not await services.memory.has_any(ctx.user_id):
             return {"memories": []}  # no embedding call for users with nothing remembered
+        if not await _charge_embedding(ctx, state["text"]):
+            return {"memories": []}  # no room for an answer: refused next, and nothing billed
         vector = await services.models.embed(state["text"])
         hits = await services.memory.search(ctx.user_id, vector, k, ctx.memory_scope)
     except (ModelFault, OSError, RuntimeError) as exc:
@@ -48,16 +55,52 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
     return {"memories": hits}
 
 
+async def _charge_embedding(ctx: TurnContext, text: str) -> bool:
+    """Charge the query's embedding before it is made, if an answer still fits after it.
+
+    The provider bills an embedding by the tokens sent, whatever comes back, so it is charged
+    up front; when the day has no room left for it and a minimal answer, no call is made.
+    """
+    settings = ctx.services.settings
+    tokens = count_tokens(text, settings.embedding_model)
+    # What the turn will reserve at least: its prompt without memories, and a minimal answer;
+    # the memories found add to it, at most MEMORY_TOKENS_EACH apiece.
+    _, prompt_tokens = build_prompt(ctx, text, [])
+    keep = (
+        padded(prompt_tokens + settings.memory_top_k * MEMORY_TOKENS_EACH)
+        + min(MIN_OUTPUT_TOKENS, ctx.role.max_output_tokens)
+    )
+    async with ctx.services.sessions() as db:
+        admitted = await Budget(db).charge_if_room(
+            ctx.user_id, tokens, settings.daily_token_limit, keep=keep
+        )
+        await db.commit()
+    return admitted
+
+
+def padded(prompt_tokens: int) -> int:
+    """The prompt as reserved: the local count can fall short of the provider's (message framing,
+    a different tokenizer behind an OpenAI-compatible endpoint), and a charge never exceeds its
+    reservation, so the reservation carries the margin."""
+    return math.ceil(prompt_tokens * PROMPT_MARGIN) + PROMPT_MARGIN_TOKENS
+
+
 async def apply_persona(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
-    ctx = runtime.context
+    prompt, tokens = build_prompt(runtime.context, state["text"], state.get("memories", []))
+    return {"prompt": prompt, "prompt_tokens": tokens}
+
+
+def build_prompt(
+    ctx: TurnContext, text: str, memories: list[MemoryHit]
+) -> tuple[list[BaseMessage], int]:
+    """The messages sent to the model, and their tokens: the persona, the history that fits."""
     settings = ctx.services.settings
     model = ctx.role.model or settings.chat_model
-    system_prompt = persona_prompt(ctx.role.system_prompt, ctx.instructions, state.get("memories", []))
-    fixed = count_prompt(system_prompt, state["text"], model)
+    system_prompt = persona_prompt(ctx.role.system_prompt, ctx.instructions, memories)
+    fixed = count_prompt(system_prompt, text, model)
     room = settings.context_window - ctx.role.max_output_tokens - fixed
     kept, history_tokens = _fit_history(ctx.history, room, model)
-    prompt = [SystemMessage(system_prompt), *kept, HumanMessage(state["text"])]
-    return {"prompt": prompt, "prompt_tokens": fixed + history_tokens}
+    return [SystemMessage(system_prompt), *kept, HumanMessage(text)], fixed + history_tokens
 
 
 def persona_prompt(role_prompt: str, instructions: str | None, memories: list[MemoryHit]) -> str:
@@ -128,10 +171,11 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
         # The answer may use what is left, up to the role's cap: the reservation is then an
         # upper bound on what the call can cost, so the limit holds whatever the model does.
         # `remaining` only sizes the request; admission is the atomic UPDATE in core.reserve.
-        max_tokens = min(role_cap, remaining - state["prompt_tokens"])
+        prompt = padded(state["prompt_tokens"])
+        max_tokens = min(role_cap, remaining - prompt)
         if max_tokens < min(MIN_OUTPUT_TOKENS, role_cap):
             return limit + 1, max_tokens  # cannot be admitted: the refusal reports the ledger
-        return state["prompt_tokens"] + max_tokens, max_tokens
+        return prompt + max_tokens, max_tokens
 
     ask = turns.BudgetAsk(ctx.user_id, ctx.question_id, limit, settings.reservation_ttl_seconds)
     async with ctx.services.sessions() as db:
@@ -166,9 +210,12 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
 
 
 def charge_for(result: ModelResult, reserved: int) -> int:
-    """What a call costs the user: its real usage, else the whole reservation, else nothing."""
+    """What a call costs the user: its real usage, else the whole reservation, else nothing.
+
+    Never more than the reservation: that is what admission counted against the daily limit,
+    so the limit holds whatever a provider reports (the excess is noted in the trace)."""
     if result.usage_known:
-        return int(result.input_tokens or 0) + int(result.output_tokens or 0)
+        return min(reserved, int(result.input_tokens or 0) + int(result.output_tokens or 0))
     if result.text or result.fault == "timeout":
         return reserved  # tokens were (or may have been) produced and billed; usage never came
     return 0  # refused before any work: 429, 5xx, quota, auth
@@ -181,12 +228,16 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     reservation = state["reservation"]
     assert reservation is not None
     charged = charge_for(result, reservation.amount)
+    if result.usage_known:
+        excess = (result.input_tokens or 0) + (result.output_tokens or 0) - reservation.amount
+        if excess > 0:
+            ctx.trace.note(over_reservation=excess)
     outcome = "answered" if result.fault is None and result.text else (
         "partial" if result.text else "failed"
     )
     written = turns.TurnRecord(
         user_id=ctx.user_id, chat_id=ctx.chat_id, session_id=ctx.session_id,
-        question_id=ctx.question_id, update_id=ctx.update_id, reservation_id=reservation.id,
+        question_id=ctx.question_id, reservation_id=reservation.id,
         charged=charged, text=result.text, complete=outcome == "answered",
         prompt_tokens=result.input_tokens or state["prompt_tokens"],
         completion_tokens=result.output_tokens or 0,
@@ -198,18 +249,16 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         kept = False  # the answer's foreign keys: its question was deleted meanwhile
     if kept:
         ctx.reservation_id = None
-        settled = ctx.update_id is not None
     else:
         # The user deleted their data while the model was answering: write nothing back.
         outcome = "deleted"
         charged = 0
-        settled = False
     ctx.trace.outcome = outcome
     ctx.trace.input_tokens = result.input_tokens or 0
     ctx.trace.output_tokens = result.output_tokens or 0
     if result.error:
         ctx.trace.error = f"call_model: {result.fault} {result.error}"
-    return {"outcome": outcome, "charged": charged, "update_settled": settled}
+    return {"outcome": outcome, "charged": charged}
 
 
 # --- the summarise path ---------------------------------------------------------------
@@ -222,11 +271,18 @@ async def load_transcript(state: SummaryState, runtime: Runtime[SummaryContext])
     transcript = [
         (r.role, r.text) for r in rows if r.status in ("answered", "complete", "partial")
     ]
-    return {"transcript": transcript}
+    # A retry whose summary was made but not remembered (summary_due) only remembers it.
+    return {"transcript": transcript, "summary": ctx.summary, "title": ctx.title}
 
 
-async def after_transcript(state: SummaryState) -> Literal["summarise", "close_session"]:
-    return "summarise" if state.get("transcript") else "close_session"
+async def after_transcript(state: SummaryState) -> Literal["summarise", "remember", "close_session"]:
+    if not state.get("transcript"):
+        return "close_session"
+    return "remember" if state.get("summary") else "summarise"
+
+
+async def after_summary(state: SummaryState) -> Literal["remember", "close_session"]:
+    return "remember" if state.get("summary") else "close_session"
 
 
 async def summarise(state: SummaryState, runtime: Runtime[SummaryContext]) -> dict[str, Any]:
@@ -236,20 +292,35 @@ async def summarise(state: SummaryState, runtime: Runtime[SummaryContext]) -> di
     model = summarizer.model or services.settings.summary_model
     ctx.trace.model = model
     transcript = _fit_transcript(state["transcript"], services.settings.context_window // 2, model)
+    # Reserved like a message: a summary never takes the day past its limit. Without room it
+    # waits for the next day's allowance (close_session sets when).
+    amount = padded(count_prompt(summarizer.system_prompt, transcript, model)) + (
+        summarizer.max_output_tokens
+    )
+    async with services.sessions() as db:
+        reserved = await Budget(db).reserve(
+            ctx.user_id, amount, services.settings.daily_token_limit,
+            ttl_seconds=services.settings.reservation_ttl_seconds,
+        )
+        await db.commit()
+    if isinstance(reserved, OverBudget):
+        return {"summary": None, "deferred": "budget"}
+    # A crash mid-call leaves the reservation to the sweeper, which charges it in full.
     result = await services.models.complete(
         [SystemMessage(summarizer.system_prompt), HumanMessage(transcript)],
         model=model, temperature=summarizer.temperature,
         max_tokens=summarizer.max_output_tokens,
     )
+    charged = charge_for(result, reserved.amount)
+    async with services.sessions() as db:
+        await Budget(db).settle(reserved.id, charged)
+        await db.commit()
     ctx.trace.input_tokens = result.input_tokens or 0
     ctx.trace.output_tokens = result.output_tokens or 0
     if result.fault is not None or not result.text.strip():
         ctx.trace.error = f"summarise: {result.fault} {result.error}"
-        return {"result": result, "summary": None, "title": ctx.title}
+        return {"result": result, "summary": None, "deferred": "provider"}
     summary, title = normalise_summary(result.text, ctx.title)
-    async with services.sessions() as db:
-        await Budget(db).charge(ctx.user_id, charge_for(result, summarizer.max_output_tokens))
-        await db.commit()
     return {"result": result, "summary": summary, "title": title}
 
 
@@ -295,29 +366,53 @@ async def remember(state: SummaryState, runtime: Runtime[SummaryContext]) -> dic
         role=ctx.role_id, started_at=session.started_at, ended_at=None,
         chat_id=chat_scope(ctx.user_id, session.chat_id),
     )
+    settings = ctx.services.settings
+    async with ctx.services.sessions() as db:
+        room = await Budget(db).charge_if_room(
+            ctx.user_id, count_tokens(summary, settings.embedding_model),
+            settings.daily_token_limit, keep=0,
+        )
+        await db.commit()
+    if not room:
+        return {"remembered": False, "deferred": "budget"}
     try:
         vector = await ctx.services.models.embed(summary)
         await ctx.services.memory.add(item, vector)
     except (ModelFault, IntegrityError, OSError) as exc:
         ctx.trace.note(degraded=type(exc).__name__)
         log.warning("memory write failed: %s", type(exc).__name__)
-        return {"remembered": False}
+        return {"remembered": False, "deferred": "provider"}
     return {"remembered": True}
 
 
 async def close_session(state: SummaryState, runtime: Runtime[SummaryContext]) -> dict[str, Any]:
+    """Closed for the user in every case; a memory not made yet is due again later."""
     ctx = runtime.context
+    deferred = state.get("deferred")
+    due_at = None if deferred is None else summary_due_at(deferred, ctx.attempts, utcnow())
     async with ctx.services.sessions() as db:
         closed = await Sessions(db).close(
             ctx.session_id, summary=state.get("summary"), reason=ctx.reason,
-            title=state.get("title") if state.get("summary") else None,
+            title=state.get("title") if state.get("summary") else None, due_at=due_at,
         )
         await db.commit()
     if not closed:
         outcome = "already_closed"
     elif not state.get("transcript"):
         outcome = "empty"
+    elif deferred is not None:
+        outcome = f"deferred_{deferred}"  # deferred_budget | deferred_provider
     else:
-        outcome = "summarised" if state.get("summary") else "failed"
+        outcome = "summarised"
     ctx.trace.outcome = outcome
     return {"outcome": outcome}
+
+
+SUMMARY_RETRY_FIRST, SUMMARY_RETRY_MAX = dt.timedelta(minutes=2), dt.timedelta(hours=6)
+
+
+def summary_due_at(deferred: str, attempts: int, now: dt.datetime) -> dt.datetime:
+    """No room today: when the allowance resets. The provider failed: backoff, capped."""
+    if deferred == "budget":
+        return next_reset(now)
+    return now + min(SUMMARY_RETRY_FIRST * 2 ** max(attempts, 0), SUMMARY_RETRY_MAX)

@@ -25,7 +25,6 @@ class TurnState(TypedDict, total=False):
     result: ModelResult | None
     charged: int
     outcome: str  # answered | partial | refused | failed | deleted
-    update_settled: bool  # the update was marked done in the inbox with the answer
 
 
 class SummaryState(TypedDict, total=False):
@@ -36,4 +35,5 @@ class SummaryState(TypedDict, total=False):
     title: str | None
     result: ModelResult | None
     remembered: bool
-    outcome: str  # summarised | empty | failed | already_closed
+    deferred: str  # budget | provider: the memory is made later (the session closes all the same)
+    outcome: str  # summarised | empty | deferred_budget | deferred_provider | already_closed

@@ -21,7 +21,7 @@ from graph.agent import (
     Resumed,
     SessionStarted,
 )
-from handlers.delivery import UPDATE_SETTLED
+from handlers.delivery import UNDELIVERED
 from handlers.filters import HasText
 from handlers.i18n import Catalog
 from handlers.streaming import AnswerStream, ChatPacer
@@ -69,8 +69,7 @@ def has_visible_text(text: str) -> bool:
 async def chat(
     message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
     pacer: ChatPacer, lang: str | None, expired: bool = False,
-) -> str | None:
-    """UPDATE_SETTLED when the answer's commit already marked the update done in the inbox."""
+) -> None:
     assert message.from_user is not None and message.text is not None
     if expired:  # left unanswered by a crash longer ago than the recovery window
         await message.answer(catalog.text(lang, "recovery.resend"))
@@ -92,7 +91,6 @@ async def chat(
         bot, message.chat.id, private=private, pacer=pacer,
         reply_to=None if private else message.message_id,
     )
-    settled = False
     try:
         async with ChatActionSender.typing(
             bot=bot, chat_id=message.chat.id, interval=TYPING_EVERY, initial_sleep=TYPING_AFTER
@@ -102,7 +100,9 @@ async def chat(
                 update_id=event_update.update_id, language=lang,
             ):
                 await _show(event, stream, message, bot, agent, catalog, lang)
-                settled = settled or getattr(event, "update_settled", False)
+    except UNDELIVERED:
+        await stream.abandon()
+        raise  # the answer is stored: delivery tries again (handlers/delivery.py)
     except DecryptionError:
         await stream.abandon()
         await message.answer(catalog.text(lang, "errors.decrypt_failed"))
@@ -111,7 +111,6 @@ async def chat(
         await stream.abandon()
         await message.answer(catalog.text(lang, "errors.generic"))
         raise  # logged by aiogram (class and traceback; never the message text) and sent to Sentry
-    return UPDATE_SETTLED if settled else None
 
 
 async def _show(

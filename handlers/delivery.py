@@ -22,6 +22,7 @@ import sentry_sdk
 from aiogram import Bot, Dispatcher
 from aiogram.exceptions import (
     TelegramConflictError,
+    TelegramForbiddenError,
     TelegramNetworkError,
     TelegramRetryAfter,
     TelegramServerError,
@@ -40,9 +41,12 @@ from storage.repositories import Inbox
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
-# Returned by a handler that marked its update done itself, in the commit that stored the
-# answer (graph/nodes.py persist): one transaction per message fewer.
-UPDATE_SETTLED = "update settled"
+# Telegram did not take a reply (5xx, network): the update stays in the inbox and is processed
+# again, which delivers the stored answer without a new model call (graph/agent.py _resumable).
+UNDELIVERED = (TelegramServerError, TelegramNetworkError, TelegramRetryAfter)
+DELIVERY_ATTEMPTS = 6  # then the update is set aside: Telegram has been failing for ~half an hour
+DELIVERY_RETRY_FIRST = 5.0
+DELIVERY_RETRY_MAX = 600.0
 
 
 def _event(update: Update) -> object | None:
@@ -207,14 +211,23 @@ class Delivery:
             await asyncio.wait([previous])
         await self._process(update)
 
-    async def _process(self, update: Update) -> None:
+    async def _process(self, update: Update) -> bool:
+        """Run the update; it is done (and its payload dropped) once its replies went out.
+
+        False when Telegram did not take a reply: the update stays in the inbox and is
+        processed again later, which delivers what was stored (at least once, never lost).
+        """
         try:
             with sentry_sdk.isolation_scope():
                 tag_context(user_of(update), None, None)  # hashed: Sentry never sees the id
-                if await self.dispatcher.feed_update(self.bot, update) == UPDATE_SETTLED:
-                    return
+                await self.dispatcher.feed_update(self.bot, update)
         except asyncio.CancelledError:
             raise  # shutdown: left unprocessed in the inbox, handled again at the next start
+        except UNDELIVERED as exc:
+            if await self._retry_later(update, exc):
+                return False
+        except TelegramForbiddenError:
+            log.info("update %s: the user blocked the bot", update.update_id)
         except Exception as exc:  # noqa: BLE001 - one bad update must not stop the others
             # Frames only: an exception's message may quote the user's text.
             log.error(
@@ -224,6 +237,28 @@ class Delivery:
         async with self.sessions() as db:
             await Inbox(db).mark_done(update.update_id)
             await db.commit()
+        return True
+
+    async def _retry_later(self, update: Update, exc: Exception) -> bool:
+        """Count a failed delivery; True when the update will be tried again, False: set aside."""
+        async with self.sessions() as db:
+            attempts = await Inbox(db).count_attempt(update.update_id)
+            await db.commit()
+        if attempts >= DELIVERY_ATTEMPTS:
+            set_aside(update.update_id, f"Telegram refused its replies {attempts} times")
+            return False
+        delay = min(DELIVERY_RETRY_FIRST * 2 ** (attempts - 1), DELIVERY_RETRY_MAX)
+        log.warning(
+            "update %s: reply not delivered (%s), again in %.0f s",
+            update.update_id, type(exc).__name__, delay,
+        )
+        self._schedule_retry(update, delay)
+        return True
+
+    def _schedule_retry(self, update: Update, delay: float) -> None:
+        """In this process; a restart finds the update in the inbox all the same (recover)."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, lambda: None if self._stopping.is_set() else self.dispatch(update))
 
     # --- crash recovery ----------------------------------------------------------------------
 

@@ -117,7 +117,8 @@ class FleetDelivery(Delivery):
                 if not mine:
                     return  # another process holds the chat; it will see this update too
                 while (update := await self._next(chat_id)) is not None:
-                    await self._process(update)
+                    if not await self._process(update):
+                        return  # Telegram refused a reply: tried again later, order kept
             # Something stored while we held the lock, by a process that then failed to take it?
             if await self._next(chat_id) is None:
                 return

@@ -48,8 +48,10 @@ def end_text(ended: SessionEnd, catalog: Catalog, lang: str | None) -> str:
             lang, "session.ended", title=ended.title or catalog.plain(lang, "session.untitled"),
             summary=ended.summary,
         )
-    if ended.outcome == "failed":
-        return catalog.text(lang, "session.ended_unsummarized")
+    if ended.outcome == "deferred_budget":
+        return catalog.text(lang, "session.ended_summary_tomorrow")
+    if ended.outcome == "deferred_provider":
+        return catalog.text(lang, "session.ended_summary_later")
     return catalog.text(lang, "session.ended_short")
 
 

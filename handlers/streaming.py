@@ -8,12 +8,22 @@ import random
 import time
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramServerError,
+)
 from aiogram.types import Message, MessageEntity, ReplyParameters
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from handlers.formatting import TELEGRAM_LIMIT, Part, render_parts
 
 log = logging.getLogger(__name__)
+
+SEND_ATTEMPTS = 3  # a final part, on Telegram 5xx or a dropped connection
 
 DRAFT_INTERVAL = 0.3  # ~3 drafts a second: smooth, and well below Telegram's flood threshold
 EDIT_INTERVAL = 1.0  # edits count as messages: at most one a second per chat
@@ -90,7 +100,21 @@ class AnswerStream:
         await self._drop_placeholder()
 
     async def _deliver_part(self, index: int, part: Part) -> Message:
-        """One part with its entities; if Telegram rejects them, the same text plain (once)."""
+        """One part with its entities; if Telegram rejects them, the same text plain (once).
+
+        A Telegram 5xx or a dropped connection is tried again a few times here, seconds apart;
+        past that the update stays in the inbox and delivery comes back to it later.
+        """
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((TelegramServerError, TelegramNetworkError)),
+            stop=stop_after_attempt(SEND_ATTEMPTS), wait=wait_random_exponential(0.5, 4.0),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._deliver_formatted(index, part)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _deliver_formatted(self, index: int, part: Part) -> Message:
         try:
             return await self._send_part(index, part.text, part.telegram_entities())
         except TelegramBadRequest as exc:

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 IDLE_JOB = "end-idle-sessions"
 SWEEP_JOB = "sweep-reservations"
 OUTBOX_JOB = "retry-memory-outbox"
+SUMMARY_JOB = "make-due-summaries"
+SUMMARY_EVERY = dt.timedelta(minutes=1)
 PURGE_JOB = "purge-old-transcripts"
 
 IDLE_CHECK_EVERY = dt.timedelta(minutes=2)
@@ -66,6 +68,14 @@ async def end_idle_sessions(
     if ended:
         log.info("idle sessions ended: %d", ended)
     return ended
+
+
+async def make_due_summaries(agent: "Agent") -> int:
+    """Summaries that waited for room in the allowance or for the provider, made now."""
+    made = await agent.make_due_summaries()
+    if made:
+        log.info("late session summaries made: %d", made)
+    return made
 
 
 async def sweep_reservations(agent: "Agent") -> int:
@@ -185,6 +195,7 @@ def register_jobs(
         # crash left while the process was down.
         (IDLE_JOB, IDLE_CHECK_EVERY, end_idle_sessions, (agent,), True),
         (SWEEP_JOB, SWEEP_EVERY, sweep_reservations, (agent,), True),
+        (SUMMARY_JOB, SUMMARY_EVERY, make_due_summaries, (agent,), True),
         (INBOX_JOB, INBOX_EVERY, forget_old_updates, (agent,), False),
     ]
     memory = agent.services.memory

@@ -135,6 +135,17 @@ class _Statements:
             .values(reserved=usage_days.c.reserved + bindparam("amount"))
             .returning(usage_days.c.used)
         )
+        self.charge_if_room = (
+            update(usage_days)
+            .where(
+                usage_days.c.user_id == bindparam("ledger_user"),
+                usage_days.c.day == bindparam("today"),
+                usage_days.c.used + usage_days.c.reserved + bindparam("tokens") + bindparam("keep")
+                <= bindparam("limit"),
+            )
+            .values(used=usage_days.c.used + bindparam("tokens"))
+            .returning(usage_days.c.used)
+        )
         self.add_reservation = insert(reservations)
         self.claim_reservation = (
             delete(reservations)
@@ -232,8 +243,8 @@ class _PostgresStatements(_Statements):
 
     @staticmethod
     def _record_turn(*, with_answer: bool) -> Any:
-        """The question's status, the settled reservation, the session's activity and the update
-        marked done (and the answer): the rows found as the question's, so 0 means it is gone.
+        """The question's status, the settled reservation and the session's activity (and the
+        answer): the rows found as the question's, so 0 means it is gone.
         The sub-statements touch different rows; the charge reads the claimed reservation
         through RETURNING, as storage/core.py settle() does in two steps."""
         question = (
@@ -258,12 +269,7 @@ class _PostgresStatements(_Statements):
             update(chat_sessions).where(chat_sessions.c.id == bindparam("touched_session"))
             .values(last_activity_at=bindparam("now")).returning(chat_sessions.c.id).cte("touched")
         )
-        done = (
-            update(inbox).where(inbox.c.update_id == bindparam("done_id"))
-            .values(state="done", payload=None, attempts=inbox.c.attempts + 1)
-            .returning(inbox.c.update_id).cte("done")
-        )
-        writes = [claimed, charged, touched, done]
+        writes = [claimed, charged, touched]
         if with_answer:
             writes.append(insert(messages).values(
                 session_id=bindparam("touched_session"), user_id=bindparam("answer_user"),
@@ -395,13 +401,15 @@ def set_status(conn: Connection, message_id: int, status: str) -> bool:
 
 @dataclass(frozen=True)
 class TurnRecord:
-    """What a finished turn writes: the answer (if any text came), the charge, the inbox row."""
+    """What a finished turn writes: the answer (if any text came) and the charge.
+
+    Not the inbox row: that is done when the answer has reached the user (handlers/delivery.py).
+    """
 
     user_id: int
     chat_id: int
     session_id: int
     question_id: int
-    update_id: int | None
     reservation_id: str
     charged: int
     text: str
@@ -411,8 +419,8 @@ class TurnRecord:
 
 
 def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
-    """The answer (or the question marked failed), the real charge, the session's activity and
-    the update marked done. False when the question is gone: the caller rolls back. An answer
+    """The answer (or the question marked failed), the real charge and the session's activity.
+    False when the question is gone: the caller rolls back. An answer
     to a deleted question fails on its foreign keys (IntegrityError)."""
     sql = _sql(conn)
     status = "complete" if turn.complete else "partial"
@@ -421,7 +429,7 @@ def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
             "question_id": turn.question_id,
             "question_status": "answered" if turn.text else "failed",
             "reservation_id": turn.reservation_id, "charge": turn.charged,
-            "touched_session": turn.session_id, "now": now, "done_id": turn.update_id,
+            "touched_session": turn.session_id, "now": now,
             "answer_user": turn.user_id, "answer_chat": turn.chat_id, "answer_text": turn.text,
             "answer_status": status, "answer_prompt": turn.prompt_tokens,
             "answer_completion": turn.completion_tokens,
@@ -437,8 +445,6 @@ def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
         return False
     settle(conn, turn.reservation_id, turn.charged)
     touch_session(conn, turn.session_id, now)
-    if turn.update_id is not None:
-        mark_update_done(conn, turn.update_id)
     return True
 
 
@@ -522,7 +528,8 @@ def settle(conn: Connection, reservation_id: str, actual: int | None) -> int | N
     claimed = conn.execute(sql.claim_reservation, {"reservation_id": reservation_id}).first()
     if claimed is None:
         return None
-    charge = claimed.amount if actual is None else actual
+    # Never more than was reserved: the reservation is what admission counted against the limit.
+    charge = claimed.amount if actual is None else min(actual, claimed.amount)
     conn.execute(sql.charge_reserved, {
         "ledger_user": claimed.user_id, "today": claimed.day, "released": claimed.amount,
         "charge": charge,
@@ -530,14 +537,17 @@ def settle(conn: Connection, reservation_id: str, actual: int | None) -> int | N
     return charge
 
 
-def charge(conn: Connection, user_id: int, tokens: int, now: dt.datetime) -> None:
-    """Charge work that is not refused for budget (a session's summary)."""
+def charge_if_room(
+    conn: Connection, user_id: int, tokens: int, limit: int, *, keep: int, now: dt.datetime
+) -> bool:
+    """Charge `tokens` only if `keep` more still fit today after them: one conditional UPDATE,
+    like an admission. For calls billed by what is sent (an embedding), charged before them."""
     sql = _sql(conn)
     today = utc_day(now)
     conn.execute(sql.add_day, {"user_id": user_id, "day": today, "used": 0, "reserved": 0})
-    conn.execute(sql.charge_reserved, {
-        "ledger_user": user_id, "today": today, "released": 0, "charge": tokens,
-    })
+    return conn.execute(sql.charge_if_room, {
+        "ledger_user": user_id, "today": today, "tokens": tokens, "keep": keep, "limit": limit,
+    }).first() is not None
 
 
 # --- the inbox ----------------------------------------------------------------------------

@@ -88,6 +88,9 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Deleted rows are overwritten with zeros, not left in free pages: erasure must not depend
+    # on whether this SQLite was built with SQLITE_SECURE_DELETE.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

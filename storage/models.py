@@ -123,6 +123,10 @@ class ChatSession(Base):
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     end_reason: Mapped[str | None] = mapped_column(String(16))
     summary: Mapped[str | None] = mapped_column(EncryptedText)
+    # status "summary_due": closed for the user, its memory still to be made (no room in the
+    # day's allowance, or the provider failed); retried from summary_due_at (ops/jobs.py).
+    summary_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    summary_due_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class Message(Base):

@@ -83,6 +83,10 @@ class Users:
         )
 
 
+# A session whose memory may still be made: open, or closed and waiting for its summary.
+SUMMARISABLE = ("open", "summary_due")
+
+
 class Sessions:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
@@ -120,20 +124,40 @@ class Sessions:
         )
 
     async def close(
-        self, session_id: int, *, summary: str | None, reason: str, title: str | None = None
+        self, session_id: int, *, summary: str | None, reason: str, title: str | None = None,
+        due_at: dt.datetime | None = None,
     ) -> bool:
-        """Close an open session; False when it was already closed (or deleted) by someone else."""
+        """Close a session (open, or waiting for its summary); with `due_at` its memory is still
+        to be made from then on. False when someone else closed (or deleted) it first."""
         values: dict[str, Any] = {
-            "status": "closed", "ended_at": utcnow(), "end_reason": reason, "summary": summary,
+            "status": "closed" if due_at is None else "summary_due", "summary": summary,
+            "summary_due_at": due_at, "summary_attempts": ChatSession.summary_attempts + 1,
         }
         if title is not None:
             values["title"] = title
         result = await self.db.execute(
             update(ChatSession)
-            .where(ChatSession.id == session_id, ChatSession.status == "open")
+            .where(ChatSession.id == session_id, ChatSession.status.in_(SUMMARISABLE))
             .values(**values)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            # The session ended when the user (or the idle timer) ended it, not at a retry.
+            await self.db.execute(
+                update(ChatSession)
+                .where(ChatSession.id == session_id, ChatSession.ended_at.is_(None))
+                .values(ended_at=utcnow(), end_reason=reason)
+            )
+            return True
+        return False
+
+    async def summaries_due(self, now: dt.datetime, limit: int = 50) -> list[ChatSession]:
+        stmt = (
+            select(ChatSession)
+            .where(ChatSession.status == "summary_due", ChatSession.summary_due_at <= now)
+            .order_by(ChatSession.summary_due_at)
+            .limit(limit)
+        )
+        return list((await self.db.execute(stmt)).scalars())
 
     async def list_for(self, user_id: int, offset: int, limit: int) -> tuple[list[ChatSession], int]:
         total = await self.db.scalar(
@@ -171,6 +195,10 @@ class Messages:
             c, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
             update_id=update_id, tokens=tokens, now=utcnow(),
         ))
+
+    async def answer_to(self, question_id: int) -> Message | None:
+        stmt = select(Message).where(Message.reply_to == question_id, Message.role == "assistant")
+        return (await self.db.execute(stmt.order_by(Message.id).limit(1))).scalar_one_or_none()
 
     async def by_update_id(self, update_id: int) -> Message | None:
         stmt = select(Message).where(Message.update_id == update_id)
@@ -244,9 +272,13 @@ class Budget:
         """Replace a reservation by the real usage; idempotent (storage/core.py settle)."""
         return await _on_connection(self.db, lambda c: core.settle(c, reservation_id, actual))
 
-    async def charge(self, user_id: int, tokens: int, now: dt.datetime | None = None) -> None:
-        """Charge work that is not refused for budget (a session's summary)."""
-        await _on_connection(self.db, lambda c: core.charge(c, user_id, tokens, now or utcnow()))
+    async def charge_if_room(
+        self, user_id: int, tokens: int, limit: int, *, keep: int, now: dt.datetime | None = None
+    ) -> bool:
+        """Charge now if `keep` more tokens still fit today after these (storage/core.py)."""
+        return await _on_connection(self.db, lambda c: core.charge_if_room(
+            c, user_id, tokens, limit, keep=keep, now=now or utcnow()
+        ))
 
     async def expired(self, now: dt.datetime | None = None) -> list[str]:
         stmt = select(Reservation.id).where(Reservation.expires_at < (now or utcnow()))
@@ -343,6 +375,16 @@ class Inbox:
             return [core.store_update(conn, *update, now) for update in updates]
 
         return await self.db.run_sync(run)
+
+    async def count_attempt(self, update_id: int) -> int:
+        """One more failed try at the update's replies; how many there have been."""
+        await self.db.execute(
+            update(InboxUpdate).where(InboxUpdate.update_id == update_id)
+            .values(attempts=InboxUpdate.attempts + 1)
+        )
+        return int(await self.db.scalar(
+            select(InboxUpdate.attempts).where(InboxUpdate.update_id == update_id)
+        ) or 0)
 
     async def mark_done(self, update_id: int) -> None:
         """Processed: the text goes, the id stays (to recognise a redelivery)."""

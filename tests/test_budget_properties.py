@@ -2,18 +2,17 @@
 
 A hypothesis state machine drives storage.repositories.Budget the way the bot does (reserve
 before a call, settle after it) and the way failures do (a process dies holding a reservation,
-the sweeper settles what expired, a restart settles every orphan, the day rolls over,
-a summary is charged without a reservation), and compares the database with an exact model
-after every step.
+the sweeper settles what expired, a restart settles every orphan, the day rolls over, an
+embedding is charged when it fits), and compares the database with an exact model after
+every step.
 
 The invariants (for every day of the user):
 
 * a reservation is admitted exactly when used + reserved + amount <= limit, so after an
   admission used + reserved <= limit;
 * reserved >= 0, used >= 0, and reserved == the sum of the day's outstanding reservations;
-* used + reserved <= limit + overrun, where overrun is what the ledger let through on purpose:
-  the sum of (actual - amount) over settles whose actual exceeded the reservation, plus
-  unconditional charges (session summaries). In particular used <= limit + overrun;
+* used + reserved <= limit, always: a settle charges at most its reservation, whatever usage a
+  provider reports, and a direct charge (an embedding) is made only when it fits;
 * a reservation is settled at most once: a second settle (a retry, the sweeper after a slow
   process, the process after the sweeper) returns None and changes nothing;
 * a reservation is settled against its own day, even after midnight.
@@ -73,7 +72,6 @@ class Res:
 class Day:
     used: int = 0
     reserved: int = 0
-    overrun: int = 0  # let through on purpose: settles above the reservation, plain charges
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -182,7 +180,6 @@ def ledger_machine(url: str) -> type[RuleBasedStateMachine]:
             day = self.days[res.day]  # its own day, whatever the clock says now
             day.reserved -= res.amount
             day.used += charged
-            day.overrun += max(0, charged - res.amount)
             self.open.discard(reservation_id)
 
         @precondition(lambda self: self.held)
@@ -193,7 +190,8 @@ def ledger_machine(url: str) -> type[RuleBasedStateMachine]:
             self.held.discard(reservation_id)
             expected = None
             if reservation_id in self.open:  # else the sweeper got there first
-                expected = self.res[reservation_id].amount if actual is None else actual
+                amount = self.res[reservation_id].amount
+                expected = amount if actual is None else min(actual, amount)
             assert self._settle(reservation_id, actual) == expected
             if expected is not None:
                 self._book(reservation_id, expected)
@@ -247,19 +245,23 @@ def ledger_machine(url: str) -> type[RuleBasedStateMachine]:
                 self._book(reservation_id, self.res[reservation_id].amount)
             self.held.clear()
 
-        @rule(tokens=st.integers(0, 2_000))
-        def charge(self, tokens: int) -> None:
-            """A session summary: charged without a reservation, never refused."""
+        @rule(tokens=st.integers(0, 2_000), keep=st.integers(0, 2_000))
+        def charge_if_room(self, tokens: int, keep: int) -> None:
+            """An embedding: charged before it is made, when it and `keep` more still fit."""
 
-            async def go() -> None:
+            async def go() -> bool:
                 async with self.sessions() as db:
-                    await Budget(db).charge(self.user, tokens, now=self.clock)
+                    charged = await Budget(db).charge_if_room(
+                        self.user, tokens, self.limit, keep=keep, now=self.clock
+                    )
                     await db.commit()
+                    return charged
 
-            self.run(go())
             day = self.days.setdefault(utc_day(self.clock), Day())
-            day.used += tokens
-            day.overrun += tokens
+            fits = day.used + day.reserved + tokens + keep <= self.limit
+            assert self.run(go()) == fits
+            if fits:
+                day.used += tokens
 
         @rule(seconds=st.integers(0, 3_600))
         def advance(self, seconds: int) -> None:
@@ -293,7 +295,7 @@ def ledger_machine(url: str) -> type[RuleBasedStateMachine]:
                 outstanding = sum(r.amount for r in reservations if r.day == row.day)
                 assert row.reserved >= 0 and row.used >= 0
                 assert row.reserved == outstanding
-                assert row.used + row.reserved <= self.limit + model.overrun
+                assert row.used + row.reserved <= self.limit
                 assert (row.used, row.reserved) == (model.used, model.reserved)
 
     return LedgerMachine
@@ -329,7 +331,7 @@ async def test_concurrent_reservations_never_admit_more_than_the_limit(
         await db.commit()
     if already:  # part of the day is already spent
         async with sessions() as db:
-            await Budget(db).charge(user, already, now=now)
+            assert await Budget(db).charge_if_room(user, already, limit, keep=0, now=now)
             await db.commit()
 
     async def reserve(amount: int) -> Reserved | OverBudget:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import BigInteger, Column, ForeignKey, MetaData, String, Table, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -94,3 +96,26 @@ async def test_export_holds_a_row_of_every_kind_that_delete_removes(
         kept = (await db.execute(select(InboxUpdate).where(InboxUpdate.user_id == 42))).all()
         assert kept
     assert after["user"] is None and after["sessions"] == []
+
+
+async def test_a_deleted_users_rows_leave_no_trace_in_the_sqlite_file(tmp_path: Path) -> None:
+    """secure_delete is set by the bot, so erasure does not hang on how SQLite was built."""
+    from storage.db import create_engine, migrate, session_maker
+
+    path = tmp_path / "erase.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    await migrate(engine)
+    sessions = session_maker(engine)
+    marker = "zz-erase-canary"  # the language column is not encrypted: findable if left behind
+    async with sessions() as db:
+        await Users(db).ensure(77, marker)
+        await Users(db).ensure(78, "en")
+        await db.commit()
+    async with sessions() as db:
+        await delete_user(db, 77)
+        await db.commit()
+    async with engine.connect() as conn:
+        assert (await conn.exec_driver_sql("PRAGMA secure_delete")).scalar() == 1
+        await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    await engine.dispose()
+    assert marker.encode() not in path.read_bytes()

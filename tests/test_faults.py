@@ -181,3 +181,28 @@ async def test_postgresql_restart_mid_conversation_recovers(
             await tg.wait_for_message(34, lambda m: m.text == "re: after", timeout=40)
         finally:
             assert await bot.terminate() == 0
+
+
+async def test_kill_9_between_the_answers_commit_and_its_delivery_delivers_it_once(
+    bot_env: Callable[..., dict[str, str]], tmp_path: Path, sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """The answer is stored and charged, then the process dies before Telegram took it."""
+    answer = "the answer stored before the crash"
+    async with fakes() as (tg, ai):
+        ai.reply = answer
+        bot = BotProcess(bot_env(tg, ai), tmp_path / "bot.log")
+        await bot.start(tg)
+        tg.fail_next("sendMessage", error_code=500, times=1000, when=lambda p: p.get("text") == answer)
+        tg.send_text(35, "please answer")
+        await tg.wait_for(lambda c: c.method == "sendMessage" and c.params.get("text") == answer, 20)
+        await bot.kill()  # SIGKILL: the answer is committed, Telegram never took it
+        tg._failures.clear()  # noqa: SLF001 - Telegram is well again
+        assert [m for m in tg.chat_messages(35) if m.text == answer] == []
+        await bot.start(tg)
+        try:
+            await tg.wait_for_message(35, lambda m: m.text == answer, timeout=20)
+            await asyncio.sleep(0.5)
+        finally:
+            assert await bot.terminate() == 0
+    assert len([m for m in tg.chat_messages(35) if m.text == answer]) == 1
+    assert len(ai.chat_requests) == 1  # the restart delivered the stored answer: no new call

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -335,10 +334,9 @@ def test_strip_html_gives_the_visible_text() -> None:
     ],
     ids=lambda md: repr(md[:12]),
 )
-def test_100k_characters_render_and_split_fast(markdown: str) -> None:
-    started = time.perf_counter()
+@pytest.mark.timeout(30)  # no catastrophic backtracking; speed itself is bench/'s business
+def test_100k_characters_render_and_split(markdown: str) -> None:
     parts = render_parts(markdown)
-    assert time.perf_counter() - started < 1.0
     assert all(utf16_len(part.text) <= TELEGRAM_LIMIT for part in parts)
 
 

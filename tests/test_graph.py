@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from graph.agent import Agent, Answer, Delta, Duplicate, Failure, Refusal, SessionStarted, TurnEvent
+from graph.agent import Agent, Answer, Delta, Failure, Refusal, SessionStarted, TurnEvent
 from storage.models import Message, Trace, UsageDay
 from tests.fakes.openai import FakeOpenAI
 
@@ -222,16 +222,20 @@ async def test_hang_times_out_and_is_charged(
     fake_openai.fail_next("hang", times=2)
     failure = final(await say(agent, 14, "hi"))
     assert failure == Failure("timeout")
-    assert len(fake_openai.chat_requests) == 2
+    assert len(fake_openai.chat_requests) == 1  # not retried: the first attempt may be billed
     used, reserved = await ledger(sessions, 14)
     assert reserved == 0 and used > 0  # the provider may have billed: charged, never 0
 
 
-async def test_redelivered_update_gets_no_second_answer(agent: Agent, fake_openai: FakeOpenAI) -> None:
+async def test_an_update_processed_again_gets_its_stored_answer_not_a_new_one(
+    agent: Agent, fake_openai: FakeOpenAI
+) -> None:
+    """The inbox lets an update through again only when its answer never reached the user."""
     first = await say(agent, 15, "hello", update_id=777)
     second = await say(agent, 15, "hello", update_id=777)
-    assert isinstance(final(first), Answer)
-    assert second == [Duplicate()]
+    answer = final(first)
+    assert isinstance(answer, Answer)
+    assert second == [Answer(answer.text, answer.complete, charged=0)]
     assert len(fake_openai.chat_requests) == 1
 
 

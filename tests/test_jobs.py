@@ -21,6 +21,7 @@ from ops.jobs import (
     INBOX_JOB,
     OUTBOX_JOB,
     PURGE_JOB,
+    SUMMARY_JOB,
     SWEEP_JOB,
     build_scheduler,
     end_idle_sessions,
@@ -210,7 +211,7 @@ async def test_jobs_register_once_under_fixed_ids(
     register_jobs(scheduler, local_agent)  # a second registration replaces
     scheduler.start(paused=True)
     try:
-        assert sorted(job.id for job in scheduler.get_jobs()) == sorted([IDLE_JOB, SWEEP_JOB, INBOX_JOB])
+        assert sorted(job.id for job in scheduler.get_jobs()) == sorted([IDLE_JOB, SWEEP_JOB, SUMMARY_JOB, INBOX_JOB])
     finally:
         scheduler.shutdown(wait=False)
 
@@ -220,7 +221,7 @@ async def test_jobs_register_once_under_fixed_ids(
     scheduler.start(paused=True)
     try:
         jobs = {job.id: job for job in scheduler.get_jobs()}
-        assert sorted(jobs) == sorted([IDLE_JOB, SWEEP_JOB, INBOX_JOB, OUTBOX_JOB, PURGE_JOB])
+        assert sorted(jobs) == sorted([IDLE_JOB, SWEEP_JOB, SUMMARY_JOB, INBOX_JOB, OUTBOX_JOB, PURGE_JOB])
         assert all(job.max_instances == 1 and job.coalesce for job in jobs.values())
         assert str(scheduler.timezone) == "UTC"
     finally:

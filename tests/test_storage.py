@@ -282,7 +282,7 @@ async def _answer(sessions: async_sessionmaker[AsyncSession], stored: turns.Stor
     async with sessions() as db:
         assert await turns.persist(db, TurnRecord(
             user_id=user_id, chat_id=user_id, session_id=stored.session_id,
-            question_id=stored.question_id, update_id=update_id, reservation_id=outcome.id,
+            question_id=stored.question_id, reservation_id=outcome.id,
             charged=40, text=text, complete=True, prompt_tokens=30, completion_tokens=10,
         ))
 
