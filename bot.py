@@ -223,7 +223,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
             import_aiogram()  # before the handlers import aiogram: its types are built on use
             if mode == "polling":
-                import handlers.app  # noqa: F401 - start-up work, done before the GC resumes
+                import handlers.app
             else:
                 import handlers.webhook  # noqa: F401
         resume_gc()

@@ -148,4 +148,5 @@ async def show_traces(agent: Agent, run_id: str | None, out: TextIO = sys.stdout
     for index, node in enumerate(trace.nodes):
         branch = "└─" if index == len(trace.nodes) - 1 else "├─"
         extra = "".join(f" {k}={v}" for k, v in node.items() if k not in ("node", "start_ms", "ms"))
-        out.write(f"  {branch} {node['node']:<16} +{node['start_ms']:>8.1f} ms  {node.get('ms', 0):>8.1f} ms{extra}\n")
+        timing = f"+{node['start_ms']:>8.1f} ms  {node.get('ms', 0):>8.1f} ms"
+        out.write(f"  {branch} {node['node']:<16} {timing}{extra}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +22,9 @@ def _id_set(value: object) -> frozenset[int]:
     if isinstance(value, (int, str)):
         parts = str(value).replace(";", ",").split(",")
         return frozenset(int(p.strip()) for p in parts if p.strip())
-    return frozenset(int(v) for v in value)  # type: ignore[union-attr]
+    if isinstance(value, Iterable):
+        return frozenset(int(v) for v in value)
+    raise ValueError(f"expected ids separated by commas, got {type(value).__name__}")
 
 
 class Settings(BaseSettings):
@@ -159,7 +162,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_db_parts(self) -> "Settings":
+    def _check_db_parts(self) -> Settings:
         if self.database_url is None and any((self.db_user, self.db_host, self.db_name)):
             missing = [n for n in ("db_user", "db_host", "db_name") if not getattr(self, n)]
             if missing:

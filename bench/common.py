@@ -279,7 +279,7 @@ async def pg_available() -> bool:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         return True
-    except Exception:  # noqa: BLE001 - any failure means "no server"
+    except Exception:
         return False
     finally:
         await engine.dispose()

@@ -20,9 +20,23 @@ from ops.aiogram_lazy import import_aiogram
 
 import_aiogram()  # as the bot imports it; bench.common imports the fakes, and they aiogram
 
+import itertools
+
 from bench.common import (  # noqa: E402
-    ANSWER, QUESTION, RESULTS_DIR, Check, calibrate, checks_table, database, install_cipher,
-    new_key, pg_available, set_chunking, table, workspace, write_result,
+    ANSWER,
+    QUESTION,
+    RESULTS_DIR,
+    Check,
+    calibrate,
+    checks_table,
+    database,
+    install_cipher,
+    new_key,
+    pg_available,
+    set_chunking,
+    table,
+    workspace,
+    write_result,
 )
 
 EXPLAIN = """\
@@ -311,7 +325,7 @@ async def langgraph_ops(n: int) -> list[Op]:
     for name in names:
         graph.add_node(name, node)
     graph.add_edge(START, names[0])
-    for a, b in zip(names, names[1:]):
+    for a, b in itertools.pairwise(names):
         graph.add_edge(a, b)
     graph.add_edge(names[-1], END)
     compiled = graph.compile()

@@ -11,9 +11,30 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR, BenchOpenAI, BenchTelegram, BotProcess, Check, Phase, bot_env, checks_table,
-    database, gc_summary, install_cipher, new_key, node_breakdown, pg_available, read_traces, seed_history,
-    seed_memories, set_chunking, summary, table, tag, wait_polling, wait_quiet, workspace,
+    RESULTS_DIR,
+    BenchOpenAI,
+    BenchTelegram,
+    BotProcess,
+    Check,
+    Phase,
+    bot_env,
+    checks_table,
+    database,
+    gc_summary,
+    install_cipher,
+    new_key,
+    node_breakdown,
+    pg_available,
+    read_traces,
+    seed_history,
+    seed_memories,
+    set_chunking,
+    summary,
+    table,
+    tag,
+    wait_polling,
+    wait_quiet,
+    workspace,
     write_result,
 )
 from bench.profiling import PySpy, categorise, cpu_tables
@@ -204,7 +225,8 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
             gc_cell(r.get("gc")),
         ])
     print(table(["db", "memory", "patches", "msgs", "e2e p50", "p90", "p99", "max", "graph p50",
-                 "graph p99", "bot CPU/msg", "of it loop thread", "of it kernel", "fakes CPU/msg", "drafts/msg",
+                 "graph p99", "bot CPU/msg", "of it loop thread", "of it kernel",
+                 "fakes CPU/msg", "drafts/msg",
                  "other load", "GC ms/msg (longest)"], rows,
                 title="Per message, ms (end to end = enqueue -> answer's sendMessage at the fake)"))
     print()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 PATCHES: dict[str, tuple[str, Callable[[], None]]] = {}
@@ -118,10 +119,8 @@ def inbox_off() -> None:
         return list(updates)
 
     async def _process(self: delivery.Delivery, update: Update) -> None:
-        try:
+        with contextlib.suppress(Exception):
             await self.dispatcher.feed_update(self.bot, update)
-        except Exception:  # noqa: BLE001 - as the original: one bad update stops nothing
-            pass
 
     delivery.Delivery.accept = accept  # type: ignore[method-assign]
     delivery.Delivery._process = _process  # type: ignore[method-assign]
@@ -140,7 +139,7 @@ def pg_ping_every_checkout() -> None:
     def create_engine(url: str) -> AsyncEngine:
         engine = original(url)
         if engine.dialect.name == "postgresql":
-            engine.sync_engine.pool._pre_ping = True  # noqa: SLF001 - the experiment's switch
+            engine.sync_engine.pool._pre_ping = True
         return engine
 
     db.create_engine = create_engine  # type: ignore[assignment]
@@ -236,16 +235,16 @@ def pg_steps_in_transactions() -> None:
 
     from storage import core, repositories, turns
 
-    original = core._statements  # noqa: SLF001 - the experiment's switch
-    steps = core._Statements(postgresql.insert)  # noqa: SLF001
+    original = core._statements
+    steps = core._Statements(postgresql.insert)
 
-    def statements(dialect: str) -> core._Statements:  # noqa: SLF001
+    def statements(dialect: str) -> core._Statements:
         return steps if dialect == "postgresql" else original(dialect)
 
     def in_a_transaction(session: Session) -> object:
         return session.connection()
 
-    core._statements = statements  # type: ignore[assignment]  # noqa: SLF001
+    core._statements = statements  # type: ignore[assignment]
     turns.each_statement_commits = in_a_transaction  # type: ignore[assignment]
     repositories.each_statement_commits = in_a_transaction  # type: ignore[assignment]
 
@@ -276,7 +275,7 @@ def embeddings_via_langchain() -> None:
         self._langchain_embeddings = OpenAIEmbeddings(  # type: ignore[attr-defined]
             model=settings["embedding_model"], api_key=settings["api_key"],
             base_url=settings["base_url"], max_retries=0, timeout=settings["timeout"],
-            check_embedding_ctx_length=False, http_async_client=self._http,  # noqa: SLF001
+            check_embedding_ctx_length=False, http_async_client=self._http,
         )
 
     async def embed(self: model.ModelGateway, text: str) -> list[float]:
@@ -304,7 +303,7 @@ def malloc_arena_max_2() -> None:
 def sqlite_small_page_cache() -> None:
     from storage import db
 
-    original = db._sqlite_pragmas  # noqa: SLF001
+    original = db._sqlite_pragmas
 
     def pragmas(dbapi_connection: object, record: object) -> None:
         original(dbapi_connection, record)
@@ -312,4 +311,4 @@ def sqlite_small_page_cache() -> None:
         cursor.execute("PRAGMA cache_size=-256")
         cursor.close()
 
-    db._sqlite_pragmas = pragmas  # noqa: SLF001
+    db._sqlite_pragmas = pragmas

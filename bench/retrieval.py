@@ -12,8 +12,17 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    Check, checks_table, database, install_cipher, new_key, pg_available, seed_memories, summary,
-    table, workspace, write_result,
+    Check,
+    checks_table,
+    database,
+    install_cipher,
+    new_key,
+    pg_available,
+    seed_memories,
+    summary,
+    table,
+    workspace,
+    write_result,
 )
 
 EXPLAIN = """\
@@ -61,7 +70,7 @@ async def measure(url: str, user_id: int, dims: int, warm_runs: int,
             began = time.perf_counter()
             await memory.search(user_id, query, K)
             warm.append((time.perf_counter() - began) * 1000)
-        index = await memory._index(user_id)  # noqa: SLF001 - the cached matrix itself
+        index = await memory._index(user_id)
         score = []
         for _ in range(warm_runs):
             query = rng.standard_normal(dims).astype(np.float32)

@@ -14,8 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR, ROOT, BenchOpenAI, BenchTelegram, BotProcess, Check, bot_env, checks_table,
-    database, new_key, pg_available, table, wait_polling, workspace, write_result,
+    RESULTS_DIR,
+    ROOT,
+    BenchOpenAI,
+    BenchTelegram,
+    BotProcess,
+    Check,
+    bot_env,
+    checks_table,
+    database,
+    new_key,
+    pg_available,
+    table,
+    wait_polling,
+    workspace,
+    write_result,
 )
 
 EXPLAIN = """\

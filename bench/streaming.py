@@ -9,9 +9,25 @@ import time
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR, BenchOpenAI, BenchTelegram, BotProcess, Check, Phase, bot_env, checks_table,
-    database, install_cipher, new_key, seed_history, summary, table, tag, wait_polling,
-    wait_quiet, workspace, write_result,
+    RESULTS_DIR,
+    BenchOpenAI,
+    BenchTelegram,
+    BotProcess,
+    Check,
+    Phase,
+    bot_env,
+    checks_table,
+    database,
+    install_cipher,
+    new_key,
+    seed_history,
+    summary,
+    table,
+    tag,
+    wait_polling,
+    wait_quiet,
+    workspace,
+    write_result,
 )
 
 EXPLAIN = """\

@@ -11,9 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    RESULTS_DIR, BenchOpenAI, BenchTelegram, BotProcess, Check, Phase, bot_env, checks_table,
-    database, gc_summary, install_cipher, new_key, pg_available, seed_history, summary, table, tag,
-    wait_polling, wait_quiet, workspace, write_result,
+    RESULTS_DIR,
+    BenchOpenAI,
+    BenchTelegram,
+    BotProcess,
+    Check,
+    Phase,
+    bot_env,
+    checks_table,
+    database,
+    gc_summary,
+    install_cipher,
+    new_key,
+    pg_available,
+    seed_history,
+    summary,
+    table,
+    tag,
+    wait_polling,
+    wait_quiet,
+    workspace,
+    write_result,
 )
 from bench.overhead import gc_cell, print_cpu_tables
 from bench.profiling import PySpy

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langgraph.graph.state import CompiledStateGraph
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -130,8 +129,8 @@ class Agent:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.turn_graph: CompiledStateGraph = build_turn_graph().compile()
-        self.summary_graph: CompiledStateGraph = build_summary_graph().compile()
+        self.turn_graph = build_turn_graph().compile()
+        self.summary_graph = build_summary_graph().compile()
         self.traces = TraceLog(services.sessions)
         # Messages of one chat are answered in arrival order; other chats do not wait.
         self._chat_locks: dict[int, asyncio.Lock] = {}
@@ -192,7 +191,7 @@ class Agent:
                 async for event in self._turn(user_id, chat_id, text, update_id, language):
                     yield event
             finally:
-                if not lock._waiters:  # type: ignore[attr-defined]  # keep the dict small
+                if not lock._waiters:  # keep the dict small
                     self._chat_locks.pop(chat_id, None)
 
     async def _turn(

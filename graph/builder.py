@@ -10,7 +10,7 @@ from graph.state import SummaryState, TurnState
 from graph.tracing import traced
 
 
-def build_turn_graph() -> StateGraph:
+def build_turn_graph() -> StateGraph[TurnState, TurnContext, TurnState, TurnState]:
     """retrieve memory -> persona -> budget -> (model -> persist | refuse)."""
     graph = StateGraph(TurnState, context_schema=TurnContext)
     for name, node in (
@@ -32,7 +32,7 @@ def build_turn_graph() -> StateGraph:
     return graph
 
 
-def build_summary_graph() -> StateGraph:
+def build_summary_graph() -> StateGraph[SummaryState, SummaryContext, SummaryState, SummaryState]:
     """transcript -> (summarise -> remember ->) close; a retry with a summary only remembers."""
     graph = StateGraph(SummaryState, context_schema=SummaryContext)
     for name, node in (

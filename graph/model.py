@@ -15,6 +15,7 @@ import numpy as np
 import openai
 from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class ModelGateway:
         key = (model, temperature)
         if key not in self._chat_models:
             self._chat_models[key] = ChatOpenAI(
-                model=model, temperature=temperature, api_key=self._api_key,
+                model=model, temperature=temperature, api_key=SecretStr(self._api_key),
                 base_url=self._base_url, max_retries=0, timeout=self._timeout,
                 # Without stream_usage a custom base_url streams no usage: budgets would read 0.
                 stream_usage=True, use_responses_api=False, http_async_client=self._http,
@@ -184,7 +185,7 @@ class ModelGateway:
                 async with stream:
                     async for chunk in stream:
                         answer.feed(chunk)
-            except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
+            except Exception as exc:
                 kind = classify(exc)
                 if answer.parts:
                     return answer.result(attempt, kind, type(exc).__name__)
@@ -205,7 +206,7 @@ class ModelGateway:
             attempt += 1
             try:
                 reply = await llm.ainvoke(messages, max_tokens=max_tokens)
-            except Exception as exc:  # noqa: BLE001 - every provider fault is classified below
+            except Exception as exc:
                 kind = classify(exc)
                 if kind in RETRYABLE and attempt < self._max_attempts:
                     await asyncio.sleep(self._delay(attempt, exc))
@@ -236,7 +237,7 @@ class ModelGateway:
                 if isinstance(vector, str):
                     return np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
                 return [float(x) for x in vector]
-            except Exception as exc:  # noqa: BLE001 - classified; non-retryable faults propagate
+            except Exception as exc:
                 kind = classify(exc)
                 if kind in RETRYABLE and attempt < self._max_attempts:
                     await asyncio.sleep(self._delay(attempt, exc))

@@ -6,7 +6,7 @@ import hashlib
 import os
 import types
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def configure_cache_dir() -> Path:
 configure_cache_dir()
 
 
-@lru_cache(maxsize=None)
+@cache
 def declared_blobs(encoding_name: str) -> tuple[tuple[str, str], ...]:
     """(blob_url, sha256) pairs that the installed tiktoken loads for `encoding_name`."""
     from tiktoken_ext import openai_public

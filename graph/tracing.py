@@ -7,11 +7,12 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import sentry_sdk
+from langgraph.runtime import Runtime
 from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -20,7 +21,19 @@ from storage.models import Trace, User, utcnow
 
 log = logging.getLogger(__name__)
 
-StateT = TypeVar("StateT")
+StateT = TypeVar("StateT", contravariant=True)
+
+
+class TracedContext(Protocol):
+    """A run context (a dataclass, as LangGraph requires) that carries the run's trace."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def trace(self) -> RunTrace: ...
+
+
+ContextT = TypeVar("ContextT", bound=TracedContext)
 
 
 @dataclass
@@ -126,20 +139,24 @@ class TraceLog:
                         await db.execute(insert(Trace), rows)
                         await db.commit()
                 return
-            except Exception as exc:  # noqa: BLE001 - a lost trace must never cost anyone an answer
+            except Exception as exc:
                 if attempt == 2 or not isinstance(exc, SQLAlchemyError):
                     log.warning("%d trace(s) not saved: %s", len(batch), type(exc).__name__)
                     return
 
 
-def traced(name: str, node: Callable[[StateT, Any], Awaitable[dict[str, Any]]]) -> Callable[
-    [StateT, Any], Awaitable[dict[str, Any]]
-]:
+class Node(Protocol[StateT, ContextT]):
+    """A graph step as LangGraph calls it: the state, and the run's context as `runtime=`."""
+
+    def __call__(self, state: StateT, runtime: Runtime[ContextT]) -> Awaitable[dict[str, Any]]: ...
+
+
+def traced(name: str, node: Node[StateT, ContextT]) -> Node[StateT, ContextT]:
     """Wrap a node so its timing (and the class of any error) lands in the run's trace."""
 
     @functools.wraps(node)
-    async def run(state: StateT, runtime: Any) -> dict[str, Any]:
-        trace: RunTrace = runtime.context.trace
+    async def run(state: StateT, runtime: Runtime[ContextT]) -> dict[str, Any]:
+        trace = runtime.context.trace
         entry: dict[str, Any] = {
             "node": name, "start_ms": round((time.perf_counter() - trace.started) * 1000, 3)
         }

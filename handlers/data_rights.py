@@ -17,10 +17,10 @@ from aiogram.types import BufferedInputFile, CallbackQuery, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.agent import Agent
+from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.fleet import SharedPacer
 from handlers.i18n import Catalog
 from handlers.streaming import ChatPacer
-from handlers.filters import HasText, InOwnersPrivateChat
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ async def export_data(message: Message, agent: Agent, catalog: Catalog, lang: st
     progress = await message.answer(catalog.text(lang, "export.preparing"))
     try:
         document = await agent.export_data(user_id)
-    except Exception as exc:  # noqa: BLE001 - the user gets an answer, the operator the class
+    except Exception as exc:
         log.error("export failed: %s", type(exc).__name__)
         await progress.edit_text(catalog.text(lang, "export.failed"))
         return
@@ -107,7 +107,7 @@ async def confirm_delete(
         return
     try:
         receipt = await agent.delete_data(query.from_user.id)
-    except Exception as exc:  # noqa: BLE001 - said to the user; retried by running it again
+    except Exception as exc:
         log.error("delete failed: %s", type(exc).__name__)
         if message is not None:
             await message.edit_text(catalog.text(lang, "delete.failed"))

@@ -9,6 +9,7 @@ whatever a crash or a shutdown left unprocessed is processed again at the next s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -60,8 +61,8 @@ def chat_key(update: Update) -> int:
     """The chat whose order this update belongs to (the user, when there is no chat)."""
     event = _event(update)
     chat = getattr(event, "chat", None)
-    if chat is None and getattr(event, "message", None) is not None:
-        chat = getattr(event.message, "chat", None)
+    if chat is None:  # a callback query: the chat of the message its button is on
+        chat = getattr(getattr(event, "message", None), "chat", None)
     if chat is not None:
         return int(chat.id)
     user = getattr(event, "from_user", None)
@@ -165,7 +166,7 @@ class Delivery:
             stored = await self._store(rows)
         except _INFRASTRUCTURE:
             raise
-        except Exception:  # noqa: BLE001 - some row the database refused: find it, alone
+        except Exception:
             stored = [await self._store_alone(row) for row in rows]
         fresh = []
         for (update, _), first_time in zip(storable, stored, strict=True):
@@ -187,7 +188,7 @@ class Delivery:
             return (await self._store([row]))[0]
         except _INFRASTRUCTURE:
             raise
-        except Exception as exc:  # noqa: BLE001 - the row itself is the problem
+        except Exception as exc:
             set_aside(row.update_id, f"the database refused it ({type(exc).__name__})")
             return None
 
@@ -228,7 +229,7 @@ class Delivery:
                 return False
         except TelegramForbiddenError:
             log.info("update %s: the user blocked the bot", update.update_id)
-        except Exception as exc:  # noqa: BLE001 - one bad update must not stop the others
+        except Exception as exc:
             # Frames only: an exception's message may quote the user's text.
             log.error(
                 "update %s failed: %s\n%s", update.update_id, type(exc).__name__,
@@ -328,7 +329,7 @@ class Delivery:
                 continue
             try:
                 fresh = await self.accept(updates)
-            except Exception as exc:  # noqa: BLE001 - database down: do not confirm, ask again
+            except Exception as exc:
                 log.error("inbox unavailable (%s): updates stay with Telegram", type(exc).__name__)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -338,10 +339,8 @@ class Delivery:
                 self.dispatch(update)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     # --- shutdown ------------------------------------------------------------------------------
 
@@ -353,7 +352,7 @@ class Delivery:
         if not self._tasks:
             return
         log.info("finishing %d update(s) in flight", len(self._tasks))
-        done, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace)
         for task in pending:
             task.cancel()
         if pending:

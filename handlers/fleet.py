@@ -7,11 +7,12 @@ import contextlib
 import datetime as dt
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from aiogram.types import Update
 from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from handlers.delivery import Delivery, chat_key
 from storage.models import utcnow
@@ -20,42 +21,34 @@ from storage.repositories import Inbox
 log = logging.getLogger(__name__)
 
 
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-
 class ChatLocks:
-    """One holder per chat across the fleet: a Redis key with a token, renewed while held."""
+    """One holder per chat across the fleet: redis-py's token lock, renewed while held."""
 
     def __init__(self, redis: Redis, ttl: float, prefix: str = "desktop:chat-lock:") -> None:
         self.redis = redis
-        self.ttl_ms = int(ttl * 1000)  # a holder that died frees its chats after this long
+        self.ttl = ttl  # a holder that died frees its chats after this long
         self.prefix = prefix
 
     @contextlib.asynccontextmanager
     async def hold(self, chat_id: int) -> AsyncIterator[bool]:
-        key, token = f"{self.prefix}{chat_id}", uuid.uuid4().hex
-        acquired = bool(await self.redis.set(key, token, nx=True, px=self.ttl_ms))
-        if not acquired:
+        lock = self.redis.lock(f"{self.prefix}{chat_id}", timeout=self.ttl, blocking=False)
+        if not await lock.acquire():
             yield False
             return
-        renewer = asyncio.create_task(self._renew(key, token))
+        renewer = asyncio.create_task(self._renew(lock))
         try:
             yield True
         finally:
             renewer.cancel()
-            await self.redis.eval(_RELEASE, 1, key, token)
+            # Lost to expiry (this process stalled past the ttl): another holder may have it now.
+            with contextlib.suppress(LockError):
+                await lock.release()
 
-    async def _renew(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_ms / 3000)
-            await self.redis.eval(_RENEW, 1, key, token, self.ttl_ms)
+    async def _renew(self, lock: Lock) -> None:
+        with contextlib.suppress(LockError):  # lost to expiry: nothing left to renew
+            while True:
+                await asyncio.sleep(self.ttl / 3)
+                await lock.extend(self.ttl, replace_ttl=True)
 
 
 class SharedPacer:
@@ -73,10 +66,11 @@ class SharedPacer:
         now = time.time()
         self._local[chat_id] = now
         # Fire and forget: pacing is advisory, and a Redis hiccup must not stall an answer.
-        task = asyncio.get_running_loop().create_task(
-            self.redis.set(f"{self.prefix}{chat_id}", now, px=5_000)
-        )
+        task = asyncio.get_running_loop().create_task(self._publish(chat_id, now))
         task.add_done_callback(lambda t: t.exception())
+
+    async def _publish(self, chat_id: int, when: float) -> None:
+        await self.redis.set(f"{self.prefix}{chat_id}", when, px=5_000)
 
     async def forget(self, chat_id: int) -> None:
         """The chat's pacing entry, here and in Redis (its key names the chat: a user, if private)."""
@@ -97,8 +91,8 @@ class FleetDelivery(Delivery):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.locks = locks
         # An update waiting longer than a third of the lock's life has no live holder working on it.
-        self.stranded_after = dt.timedelta(milliseconds=locks.ttl_ms / 3)
-        self.sweep_every = max(0.5, locks.ttl_ms / 6000)
+        self.stranded_after = dt.timedelta(seconds=locks.ttl / 3)
+        self.sweep_every = max(0.5, locks.ttl / 6)
         self._sweeper: asyncio.Task[None] | None = None
 
     def dispatch(self, update: Update) -> asyncio.Task[None]:
@@ -150,7 +144,7 @@ class FleetDelivery(Delivery):
                     stranded = await Inbox(db).chats_waiting(utcnow() - self.stranded_after)
                 for chat_id in stranded:
                     self._spawn(chat_id)
-            except Exception as exc:  # noqa: BLE001 - the sweeper must outlive a database blip
+            except Exception as exc:
                 log.warning("inbox sweep failed: %s", type(exc).__name__)
             await self._sleep(self.sweep_every)
 

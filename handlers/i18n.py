@@ -17,7 +17,8 @@ TELEGRAM_TEXT_LIMIT = 4096
 COMMAND_DESCRIPTION_LIMIT = 256  # BotCommand.description: 1-256 characters
 # Tags Telegram's HTML parse mode accepts; anything else fails the whole message.
 _TELEGRAM_TAGS = frozenset(
-    "b strong i em u ins s strike del span tg-spoiler a code pre blockquote tg-emoji".split()
+    ["b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span", "tg-spoiler", "a",
+     "code", "pre", "blockquote", "tg-emoji"]
 )
 _TAG_RE = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:\s[^<>]*)?)>")
 _ENTITY_RE = re.compile(r"&(?:lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);")

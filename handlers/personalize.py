@@ -14,7 +14,6 @@ from graph.agent import Agent
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
 
-
 MAX_INSTRUCTIONS = 2000
 
 
@@ -91,7 +90,9 @@ async def choose_role(
     profile = await agent.profile(query.from_user.id, lang)
     if isinstance(query.message, Message):
         await query.message.edit_text(
-            catalog.text(lang, "personalize.role_set", role=role.label(lang), description=role.describe(lang)),
+            catalog.text(
+                lang, "personalize.role_set", role=role.label(lang), description=role.describe(lang)
+            ),
             reply_markup=menu_keyboard(
                 agent, catalog, lang, role.id, profile.user.private_data_in_groups
             ),

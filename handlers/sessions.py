@@ -15,7 +15,6 @@ from handlers.filters import HasText, InOwnersPrivateChat, is_private
 from handlers.i18n import Catalog
 from storage.models import ChatSession
 
-
 PAGE_SIZE = 5
 MAX_TITLE = 120
 # Callback data can be forged: numbers outside these bounds are stale buttons, not queries.
@@ -144,9 +143,13 @@ async def sessions_page(
         )
     row = [len(sessions)]
     if page > 0:
-        builder.button(text=catalog.plain(lang, "session.buttons.prev"), callback_data=SessionsPage(page=page - 1))
+        builder.button(
+            text=catalog.plain(lang, "session.buttons.prev"), callback_data=SessionsPage(page=page - 1)
+        )
     if page + 1 < pages:
-        builder.button(text=catalog.plain(lang, "session.buttons.next"), callback_data=SessionsPage(page=page + 1))
+        builder.button(
+            text=catalog.plain(lang, "session.buttons.next"), callback_data=SessionsPage(page=page + 1)
+        )
     row.append(int(page > 0) + int(page + 1 < pages))
     builder.adjust(*[n for n in row if n])
     return "\n\n".join(lines), builder.as_markup()

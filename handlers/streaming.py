@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -16,7 +17,6 @@ from aiogram.exceptions import (
     TelegramServerError,
 )
 from aiogram.types import Message, MessageEntity, ReplyParameters
-
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from handlers.formatting import TELEGRAM_LIMIT, Part, render_parts
@@ -162,16 +162,14 @@ class AnswerStream:
         if self._painter is not None:
             try:
                 await self._painter
-            except Exception as exc:  # noqa: BLE001 - previews are best effort; delivery is not
+            except Exception as exc:
                 log.warning("preview failed: %s", type(exc).__name__)
             self._painter = None
 
     async def _drop_placeholder(self) -> None:
         if self.placeholder is not None:
-            try:
+            with contextlib.suppress(TelegramAPIError):
                 await self.bot.delete_message(self.chat_id, self.placeholder.message_id)
-            except TelegramAPIError:
-                pass
             self.placeholder = None
 
     async def _paint(self) -> None:
@@ -207,10 +205,8 @@ class AnswerStream:
 
     async def _pause(self, seconds: float) -> None:
         """Wait for the pacing interval, but not a moment longer once the answer is complete."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._finished.wait(), seconds)
-        except TimeoutError:
-            pass
 
     def _preview(self) -> Part | None:
         """The last message's worth of the answer so far, with a cursor; None while blank."""

@@ -62,9 +62,9 @@ class LocalSource:
 
 def as_source(store: Any) -> MemorySource:
     if hasattr(store, "dump_user") and hasattr(store, "user_ids"):
-        return store  # type: ignore[no-any-return]
+        return store
     if isinstance(store, LocalMemory):
-        return LocalSource(store._sessions)  # noqa: SLF001 - LocalMemory has no public reader yet
+        return LocalSource(store._sessions)
     raise TypeError(f"cannot read memories from {type(store).__name__}")
 
 

@@ -110,8 +110,8 @@ class PineconeMemory:
 
     @classmethod
     def from_settings(
-        cls, settings: "Settings", sessions: async_sessionmaker[AsyncSession]
-    ) -> "PineconeMemory":
+        cls, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+    ) -> PineconeMemory:
         if settings.pinecone_api_key is None:
             raise ValueError("PINECONE_API_KEY is required for Pinecone memory")
         return cls(
@@ -307,7 +307,7 @@ class PineconeMemory:
 
         try:
             host = await asyncio.wait_for(asyncio.to_thread(describe), self._timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "index unreachable"
+        except Exception as exc:
             raise MemoryUnavailable("describe_index", exc) from None
         self._host = host if host.startswith(("http://", "https://")) else f"https://{host}"
         return self._host
@@ -442,7 +442,7 @@ def _item_from_metadata(user_id: int, metadata: dict[str, Any]) -> MemoryItem:
 
 def _scope_filter(user_id: int, scope: MemoryScope) -> dict[str, Any]:
     """The scope as a metadata filter: private memories carry no chat_id (Pinecone has no null)."""
-    allowed = []
+    allowed: list[dict[str, Any]] = []
     if scope.with_private:
         allowed.append({"chat_id": {"$exists": False}})
     if scope.group_id is not None:

@@ -43,7 +43,7 @@ INBOX_KEEP = dt.timedelta(hours=48)
 
 
 async def end_idle_sessions(
-    agent: "Agent", now: dt.datetime | None = None, limit: int = 100
+    agent: Agent, now: dt.datetime | None = None, limit: int = 100
 ) -> int:
     """Summarise and close sessions quiet for SESSION_IDLE_MINUTES; returns how many ended."""
     services = agent.services
@@ -60,7 +60,7 @@ async def end_idle_sessions(
             continue
         try:
             result = await agent.summarise_session(session, "idle")
-        except Exception as exc:  # noqa: BLE001 - one session must not stop the others
+        except Exception as exc:
             log.warning("idle session not ended: %s", type(exc).__name__)
             continue
         if result.outcome != "already_closed":
@@ -70,7 +70,7 @@ async def end_idle_sessions(
     return ended
 
 
-async def make_due_summaries(agent: "Agent") -> int:
+async def make_due_summaries(agent: Agent) -> int:
     """Summaries that waited for room in the allowance or for the provider, made now."""
     made = await agent.make_due_summaries()
     if made:
@@ -78,7 +78,7 @@ async def make_due_summaries(agent: "Agent") -> int:
     return made
 
 
-async def sweep_reservations(agent: "Agent") -> int:
+async def sweep_reservations(agent: Agent) -> int:
     """Settle budget reservations a crash left behind (the agent charges them in full)."""
     swept = await agent.sweep_reservations()
     if swept:
@@ -92,7 +92,7 @@ async def retry_memory_outbox(memory: Any, now: dt.datetime | None = None) -> An
 
 
 async def purge_old_transcripts(
-    agent: "Agent", retention_days: int, now: dt.datetime | None = None
+    agent: Agent, retention_days: int, now: dt.datetime | None = None
 ) -> int:
     """Delete the messages of sessions closed more than `retention_days` ago.
 
@@ -123,7 +123,7 @@ async def purge_old_transcripts(
     return removed
 
 
-async def forget_old_updates(agent: "Agent", now: dt.datetime | None = None) -> int:
+async def forget_old_updates(agent: Agent, now: dt.datetime | None = None) -> int:
     """Drop processed update ids older than any redelivery Telegram could still make."""
     async with agent.services.sessions() as db:
         removed = await Inbox(db).forget_before((now or utcnow()) - INBOX_KEEP)
@@ -160,14 +160,14 @@ async def run_guarded(
         if claims is not None and every is not None and not await claims.take(name, every):
             return None
         return await job(*args)
-    except Exception as exc:  # noqa: BLE001 - the next run must still happen
+    except Exception as exc:
         log.error("job %s failed: %s", name, type(exc).__name__)
         sentry_sdk.capture_exception(exc)  # scrubbed by ops.monitoring.before_send
         return None
 
 
 def build_scheduler(
-    agent: "Agent", *, retention_days: int | None = None, claims: JobClaims | None = None
+    agent: Agent, *, retention_days: int | None = None, claims: JobClaims | None = None
 ) -> AsyncIOScheduler:
     """The upkeep scheduler with every job registered; start it inside the running loop."""
     scheduler = AsyncIOScheduler(
@@ -180,7 +180,7 @@ def build_scheduler(
 
 
 def register_jobs(
-    scheduler: AsyncIOScheduler, agent: "Agent", *, retention_days: int | None = None,
+    scheduler: AsyncIOScheduler, agent: Agent, *, retention_days: int | None = None,
     claims: JobClaims | None = None,
 ) -> list[str]:
     """(Re-)register the jobs under fixed ids: calling it again replaces, never duplicates.

@@ -10,10 +10,13 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import sentry_sdk
+
+if TYPE_CHECKING:
+    from sentry_sdk.types import Event, Hint
 
 # The integrations are imported by init_sentry, only with a DSN: the langchain and openai ones
 # load parts of those libraries that the bot itself never imports (~0.3 s at every start-up).
@@ -68,7 +71,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string is logged as it is, masked
+        except Exception:
             message = str(record.msg)
         record.msg, record.args = self._redactor.text(message), None
         if record.exc_info and not record.exc_text:
@@ -174,8 +177,12 @@ def tag_context(user_id: int | None, session_id: int | None, node: str | None) -
             sentry_sdk.set_tag(key, value)
 
 
-def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+def before_send(event: Event, hint: Hint) -> Event | None:
     """Keep what locates a fault (types, stack, tags); drop what may quote the user."""
+    return _scrubbed(cast(dict[str, Any], event), hint)
+
+
+def _scrubbed(event: dict[str, Any], hint: Hint) -> Any:
     event.pop("extra", None)
     event.pop("user", None)
     request = event.get("request")

@@ -20,18 +20,30 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    Connection, Row, bindparam, delete, exists, func, insert, select, true, update,
+    Connection,
+    Row,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    true,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.models import ChatSession, InboxUpdate, Message, Reservation, UsageDay, User
+from storage.models import Base, ChatSession, InboxUpdate, Message, Reservation, UsageDay, User
 
-users = User.__table__
-chat_sessions = ChatSession.__table__
-messages = Message.__table__
-usage_days = UsageDay.__table__
-reservations = Reservation.__table__
-inbox = InboxUpdate.__table__
+# As Tables (the declarative attribute is typed as any FromClause).
+users = Base.metadata.tables[User.__tablename__]
+chat_sessions = Base.metadata.tables[ChatSession.__tablename__]
+messages = Base.metadata.tables[Message.__tablename__]
+usage_days = Base.metadata.tables[UsageDay.__tablename__]
+reservations = Base.metadata.tables[Reservation.__tablename__]
+inbox = Base.metadata.tables[InboxUpdate.__tablename__]
+
+AnyRow = Row[*tuple[Any, ...]]
 
 ANSWERED_STATUSES = ("answered", "complete", "partial")
 
@@ -285,11 +297,11 @@ class _PostgresStatements(_Statements):
 # --- users and sessions -------------------------------------------------------------------
 
 
-def get_user(conn: Connection, user_id: int) -> Row[Any] | None:
+def get_user(conn: Connection, user_id: int) -> AnyRow | None:
     return conn.execute(_sql(conn).user, {"user_id": user_id}).first()
 
 
-def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.datetime) -> Row[Any]:
+def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.datetime) -> AnyRow:
     """The user's (id, role, instructions, language), created race-free on first contact."""
     row = get_user(conn, user_id)
     if row is not None:
@@ -302,7 +314,7 @@ def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.da
     return row
 
 
-def user_and_session(conn: Connection, user_id: int, chat_id: int) -> Row[Any] | None:
+def user_and_session(conn: Connection, user_id: int, chat_id: int) -> AnyRow | None:
     """(id, role, instructions, language, private_data_in_groups, session_id, session_role) of the
     user and of their
     open session in this chat (session columns None when there is none); None: no such user."""
@@ -311,7 +323,7 @@ def user_and_session(conn: Connection, user_id: int, chat_id: int) -> Row[Any] |
     ).first()
 
 
-def open_session_for(conn: Connection, user_id: int, chat_id: int) -> Row[Any] | None:
+def open_session_for(conn: Connection, user_id: int, chat_id: int) -> AnyRow | None:
     """The (id, role) of the user's open session in this chat."""
     return conn.execute(_sql(conn).open_session, {"user_id": user_id, "chat_id": chat_id}).first()
 
@@ -319,7 +331,7 @@ def open_session_for(conn: Connection, user_id: int, chat_id: int) -> Row[Any] |
 def open_session(
     conn: Connection, user_id: int, chat_id: int, role: str, now: dt.datetime,
     title: str | None = None,
-) -> Row[Any]:
+) -> AnyRow:
     """Start a session; when another update opened one first, that one is returned."""
     conn.execute(_sql(conn).add_session, {
         "user_id": user_id, "chat_id": chat_id, "role": role, "title": title, "status": "open",

@@ -54,7 +54,8 @@ def _session(row: ChatSession) -> dict[str, Any]:
 def _memory(row: MemoryRecord) -> dict[str, Any]:
     return {
         "id": row.id, "session_id": row.session_id, "chat_id": row.chat_id, "title": row.title,
-        "text": row.text, "role": row.role, "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
+        "text": row.text, "role": row.role,
+        "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
         "created_at": _iso(row.created_at),
     }
 

@@ -78,7 +78,7 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
             return  # new, or used a moment ago
         try:
             dialect.do_ping(dbapi_connection)
-        except Exception as exc:  # noqa: BLE001 - whatever the driver raises for a dead socket
+        except Exception as exc:
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError(f"idle connection failed its ping: {type(exc).__name__}") from exc
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-from typing import Any, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,9 +15,9 @@ from storage.core import OverBudget, Reserved
 from storage.db import each_statement_commits
 from storage.models import (
     ChatSession,
+    InboxUpdate,
     MemoryRecord,
     Message,
-    InboxUpdate,
     Reservation,
     Trace,
     UsageDay,

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class _RunNow:
         future, function = item
         try:
             future.set_result(function())
-        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller, as aiosqlite does
+        except Exception as exc:
             future.set_exception(exc)
 
 
@@ -201,7 +201,7 @@ class Checkpointer:
     A checkpoint syncs the files to disk; on the loop's thread that would stall every chat.
     """
 
-    _running: dict[str, Checkpointer] = {}
+    _running: ClassVar[dict[str, Checkpointer]] = {}
     _guard = threading.Lock()
 
     def __init__(self, path: str) -> None:

@@ -73,7 +73,7 @@ def pg_url() -> Iterator[str]:
     name = f"desktop_test_{uuid.uuid4().hex[:10]}"
     try:
         asyncio.run(_create_pg_database(name))
-    except (OSError, Exception) as exc:  # noqa: BLE001 - any connect failure means "no server"
+    except (OSError, Exception) as exc:
         if REQUIRE_PG:
             pytest.fail(f"PostgreSQL is required (DESKTOP_REQUIRE_PG=1) but unreachable: {exc!r}")
         pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc!r}")
@@ -146,7 +146,7 @@ PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 
 
 @pytest.fixture
-async def fake_openai() -> AsyncIterator["FakeOpenAI"]:
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     from tests.fakes.openai import FakeOpenAI
 
     async with FakeOpenAI() as server:
@@ -161,7 +161,7 @@ def prompts_dir(tmp_path: Path) -> Path:
     return target
 
 
-def make_settings(tmp_path: Path, base_url: str, db_url: str, prompts: Path, **overrides: object) -> "Settings":
+def make_settings(tmp_path: Path, base_url: str, db_url: str, prompts: Path, **overrides: object) -> Settings:
     from settings import Settings
 
     values: dict[str, object] = dict(
@@ -174,7 +174,7 @@ def make_settings(tmp_path: Path, base_url: str, db_url: str, prompts: Path, **o
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
 
 
-def make_agent(settings: "Settings", sessions: async_sessionmaker[AsyncSession]) -> "Agent":
+def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> Agent:
     from graph.agent import Agent
     from graph.context import Services
     from graph.model import ModelGateway
@@ -196,12 +196,12 @@ def make_agent(settings: "Settings", sessions: async_sessionmaker[AsyncSession])
 
 @pytest.fixture
 async def agent_factory(
-    tmp_path: Path, fake_openai: "FakeOpenAI", db_url: str, sessions: async_sessionmaker[AsyncSession],
+    tmp_path: Path, fake_openai: FakeOpenAI, db_url: str, sessions: async_sessionmaker[AsyncSession],
     prompts_dir: Path,
-) -> AsyncIterator[Callable[..., "Agent"]]:
-    built: list["Agent"] = []
+) -> AsyncIterator[Callable[..., Agent]]:
+    built: list[Agent] = []
 
-    def build(**overrides: object) -> "Agent":
+    def build(**overrides: object) -> Agent:
         settings = make_settings(tmp_path, fake_openai.base_url, db_url, prompts_dir, **overrides)
         built.append(make_agent(settings, sessions))
         return built[-1]
@@ -212,14 +212,14 @@ async def agent_factory(
 
 
 @pytest.fixture
-def agent(agent_factory: Callable[..., "Agent"]) -> "Agent":
+def agent(agent_factory: Callable[..., Agent]) -> Agent:
     return agent_factory()
 
 
 @pytest.fixture
 def start_bot(
     tmp_path: Path, db_url: str, sessions: async_sessionmaker[AsyncSession], prompts_dir: Path,
-    fake_openai: "FakeOpenAI",
+    fake_openai: FakeOpenAI,
 ) -> Callable[..., Any]:
     """The whole bot on the fakes, with settings overridden: `async with start_bot(**kw) as h:`."""
     from tests.harness import running_bot

@@ -70,7 +70,7 @@ async def test_a_failed_summary_is_made_later_and_remembered(
     async with sessions() as db:
         assert (await db.execute(select(MemoryRecord).where(MemoryRecord.user_id == 8))).all() == []
 
-    fake_openai._chat_faults.clear()  # noqa: SLF001 - the provider is back
+    fake_openai._chat_faults.clear()
     assert await agent.make_due_summaries(utcnow() + dt.timedelta(hours=1)) == 1
     async with sessions() as db:
         memory = (await db.execute(select(MemoryRecord).where(MemoryRecord.user_id == 8))).scalar_one()

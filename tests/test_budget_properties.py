@@ -344,7 +344,7 @@ async def test_concurrent_reservations_never_admit_more_than_the_limit(
     admitted = sum(o.amount for o in outcomes if isinstance(o, Reserved))
     assert already + admitted <= limit
     # Reservations only grow here, so one refused then would still be refused now.
-    for amount, outcome in zip(amounts, outcomes):
+    for amount, outcome in zip(amounts, outcomes, strict=False):
         if isinstance(outcome, OverBudget):
             assert already + admitted + amount > limit, f"{amount} refused though it fits"
     async with sessions() as db:
@@ -365,7 +365,7 @@ async def test_concurrent_reservations_never_admit_more_than_the_limit(
         settle(o.id, actual) for o in won for actual in (o.amount // 2, None)
     ))
     charged = 0
-    for pair in zip(results[::2], results[1::2]):
+    for pair in zip(results[::2], results[1::2], strict=False):
         assert sum(r is not None for r in pair) == 1, f"settled {pair}: not exactly once"
         charged += next(r for r in pair if r is not None)
     async with sessions() as db:

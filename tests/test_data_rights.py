@@ -48,8 +48,8 @@ async def _seed(sessions: async_sessionmaker[AsyncSession], user_id: int) -> Non
         await db.commit()
     from memory.base import MemoryItem
     from memory.local import LocalMemory
-    from storage.outbox import Outbox
     from storage.models import Trace
+    from storage.outbox import Outbox
 
     memory = LocalMemory(sessions)
     await memory.add(MemoryItem(

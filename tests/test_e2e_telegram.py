@@ -123,7 +123,9 @@ async def test_whole_conversation(harness: Harness, engine: AsyncEngine) -> None
     yes = next(b["callback_data"] for row in confirm.reply_markup["inline_keyboard"] for b in row
                if b["callback_data"].startswith("del:yes"))
     h.tg.press_button(alice, confirm.message_id, yes)
-    await h.tg.wait_for_message(alice, lambda m: m.message_id == confirm.message_id and "4" in (m.text or "") and m.edited > 0)
+    await h.tg.wait_for_message(
+        alice, lambda m: m.message_id == confirm.message_id and "4" in (m.text or "") and m.edited > 0
+    )
 
     assert await scan_for(engine, alice, ["alice-canary"]) == []
     assert await scan_for(engine, bob, []) != []  # Bob's rows are all still there
@@ -158,14 +160,19 @@ async def test_long_answer_arrives_in_balanced_parts(harness: Harness, prompts_d
 async def test_flood_control_is_waited_out_and_the_answer_arrives_once(harness: Harness) -> None:
     h = harness
     h.ai.reply = "The one and only answer."
-    h.tg.fail_next("sendMessage", error_code=429, retry_after=1, when=lambda p: "only answer" in str(p.get("text")))
+    h.tg.fail_next(
+        "sendMessage", error_code=429, retry_after=1, when=lambda p: "only answer" in str(p.get("text"))
+    )
     update = await user_says(h, 4004, "hello")
     await next_reply(h, 4004, update, lambda m: "only answer" in (m.text or ""), timeout=10)
     await asyncio.sleep(1.2)
     answers = [m for m in h.tg.chat_messages(4004) if "only answer" in (m.text or "")]
     assert len(answers) == 1
     failed = [c for c in h.tg.calls_of("sendMessage") if c.failed]
-    retried = [c for c in h.tg.calls_of("sendMessage") if "only answer" in str(c.params.get("text")) and not c.failed]
+    retried = [
+        c for c in h.tg.calls_of("sendMessage")
+        if "only answer" in str(c.params.get("text")) and not c.failed
+    ]
     assert len(failed) == 1 and len(retried) == 1
     assert retried[0].at - failed[0].at >= 1.0  # waited the whole retry_after
 

@@ -323,7 +323,7 @@ async def test_webhook_conflict_info_and_push(tg: FakeTelegram, bot: Bot) -> Non
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         await bot.set_webhook(f"http://127.0.0.1:{port}/hook", secret_token="s3cret")
         with pytest.raises(TelegramConflictError, match="webhook is active"):

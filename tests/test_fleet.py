@@ -87,7 +87,7 @@ async def redis_db() -> AsyncIterator[Redis]:
     client = Redis.from_url(REDIS_URL)
     try:
         await client.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"Redis is required at {REDIS_URL}: {exc!r}")
     await client.flushdb()
     yield client
@@ -138,7 +138,10 @@ async def test_two_instances_keep_order_answer_once_and_share_one_budget(
             await asyncio.gather(one_user(41), one_user(42))
             await a.push(http, tg.send_text(41, "u41-q9-dup"))  # a fresh message after the burst
             for user_id in (41, 42):
-                await tg.wait_for_message(user_id, lambda m: (m.text or "").startswith(f"re: u{user_id}-q9"), timeout=40)
+                prefix = f"re: u{user_id}-q9"
+                await tg.wait_for_message(
+                    user_id, lambda m, prefix=prefix: (m.text or "").startswith(prefix), timeout=40
+                )
             await tg.wait_for_message(41, lambda m: m.text == "re: u41-q9-dup", timeout=20)
         finally:
             assert await a.stop() == 0 and await b.stop() == 0
@@ -196,6 +199,7 @@ async def test_killing_an_instance_mid_answer_loses_nothing(
             await b.stop()
     assert len([m for m in tg.chat_messages(44) if m.text == "survived the crash"]) == 1
     async with sessions() as db:
-        assert await db.scalar(select(func.count()).select_from(InboxUpdate).where(InboxUpdate.state == "new")) == 0
+        unsettled = select(func.count()).select_from(InboxUpdate).where(InboxUpdate.state == "new")
+        assert await db.scalar(unsettled) == 0
         day = (await db.execute(select(UsageDay).where(UsageDay.user_id == 44))).scalar_one()
     assert day.used > 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import logging
 import os
 import re
@@ -143,9 +144,8 @@ def users(draw: st.DrawFn, *, is_bot: bool | None = None) -> Raw:
         ("language_code", languages), ("is_premium", st.booleans()),
     )
     for key, value in optional:
-        if draw(st.booleans()):
-            if (got := draw(value)) is not None:
-                user[key] = got
+        if draw(st.booleans()) and (got := draw(value)) is not None:
+            user[key] = got
     user.update(draw(extra_fields))
     return user
 
@@ -227,9 +227,8 @@ def messages(draw: st.DrawFn, chat: Raw, sender: Raw) -> Raw:
                                     "length": len(command.encode("utf-16-le")) // 2}]
     else:
         message.update(draw(media))
-        if "photo" in message or "document" in message:
-            if (caption := draw(captions)) is not None:
-                message["caption"] = caption
+        if ("photo" in message or "document" in message) and (caption := draw(captions)) is not None:
+            message["caption"] = caption
     if draw(st.integers(0, 4)) == 0:
         message["forward_origin"] = draw(st.one_of(
             st.builds(lambda u, d: {"type": "user", "date": d, "sender_user": u}, users(), dates),
@@ -511,7 +510,7 @@ def register(h: Harness, raw: Raw) -> None:
     """Let the fake Telegram know the user's message, as Telegram does (replies quote it)."""
     message = raw.get("message") or raw.get("edited_message")
     if message is not None:
-        h.tg._user_messages[(message["chat"]["id"], message["message_id"])] = message  # noqa: SLF001
+        h.tg._user_messages[(message["chat"]["id"], message["message_id"])] = message
 
 
 def resolve_callback_message(h: Harness, raw: Raw) -> None:
@@ -530,7 +529,7 @@ def resolve_callback_message(h: Harness, raw: Raw) -> None:
         query["message"] = message
     # The fake answers only callback queries it knows of, like Telegram (a query id is
     # Telegram's): register this one so answerCallbackQuery is a real success or failure.
-    h.tg._open_queries.add(query["id"])  # noqa: SLF001
+    h.tg._open_queries.add(query["id"])
 
 
 CHAT_METHODS_SILENT = {"getUpdates", "getMe", "setMyCommands", "deleteWebhook"}
@@ -677,7 +676,7 @@ async def test_generated_updates_never_crash_the_bot_nor_reach_the_model_unasked
     fuzz_feeder: Feeder, errors: ErrorLog, batch: list[Raw], jumps: list[int],
 ) -> None:
     feeder = fuzz_feeder
-    for raw, jump in zip(copy.deepcopy(batch), jumps):
+    for raw, jump in zip(copy.deepcopy(batch), jumps, strict=False):
         feeder.assign(raw, jump)
         note(repr(raw)[:3000])
         feeder.asked += await feed_and_check(feeder, raw, errors)
@@ -783,7 +782,7 @@ async def settled(replay: Replay, ids: set[int], timeout: float = 20.0) -> None:
                     InboxUpdate.update_id.in_(ids), InboxUpdate.state == "done"
                 )
             )).scalars())
-        if not pending and done == ids and not replay.h.delivery._tasks:  # noqa: SLF001
+        if not pending and done == ids and not replay.h.delivery._tasks:
             return
         assert time.monotonic() < deadline, f"not settled: pending {pending}, undone {ids - done}"
         await asyncio.sleep(0.02)
@@ -799,7 +798,7 @@ def replays(draw: st.DrawFn) -> tuple[int, list[list[int]]]:
         sequence.insert(draw(st.integers(0, len(sequence))), draw(st.sampled_from(range(n))))
     cuts = sorted(draw(st.sets(st.integers(1, len(sequence) - 1), max_size=3)))
     bounds = [0, *cuts, len(sequence)]
-    return n, [sequence[a:b] for a, b in zip(bounds, bounds[1:])]
+    return n, [sequence[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -91,7 +91,7 @@ async def test_a_members_private_data_never_reaches_the_group(h: Harness) -> Non
 
     # a session button forged into the group (or pressed there) opens nothing
     pointer = h.tg.chat_messages(GROUP)[-1]
-    h.tg._open_queries.add("forged-1")  # noqa: SLF001 - the fake answers only known queries
+    h.tg._open_queries.add("forged-1")
     h.tg.enqueue({"update_id": 900_001, "callback_query": {
         "id": "forged-1", "from": {"id": ALICE, "is_bot": False, "first_name": "A"},
         "chat_instance": "g", "data": f"so:{session_id}:0",
@@ -174,7 +174,7 @@ async def test_forgetting_states_in_redis_leaves_no_key_naming_the_user() -> Non
     redis = Redis.from_url(os.environ.get("DESKTOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     try:
         await redis.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"Redis is required: {exc!r}")
     await redis.flushdb()
     storage = RedisStorage(redis)

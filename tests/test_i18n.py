@@ -158,5 +158,5 @@ ok = "Нет"
 
 def test_non_string_value_is_rejected_at_load(tmp_path: Path) -> None:
     folder = write_catalogs(tmp_path / "l", "[a]\nx = 5\n", "[a]\nx = 5\n")
-    with pytest.raises(ValueError, match="a.x must be a string"):
+    with pytest.raises(ValueError, match=r"a\.x must be a string"):
         Catalog.load(folder)

@@ -211,7 +211,8 @@ async def test_jobs_register_once_under_fixed_ids(
     register_jobs(scheduler, local_agent)  # a second registration replaces
     scheduler.start(paused=True)
     try:
-        assert sorted(job.id for job in scheduler.get_jobs()) == sorted([IDLE_JOB, SWEEP_JOB, SUMMARY_JOB, INBOX_JOB])
+        expected = sorted([IDLE_JOB, SWEEP_JOB, SUMMARY_JOB, INBOX_JOB])
+        assert sorted(job.id for job in scheduler.get_jobs()) == expected
     finally:
         scheduler.shutdown(wait=False)
 
@@ -276,7 +277,7 @@ async def test_a_job_runs_once_across_the_fleet() -> None:
     redis = Redis.from_url(os.environ.get("DESKTOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
     try:
         await redis.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"Redis is required: {exc!r}")
     await redis.delete("desktop:job:fleet-test")
     runs: list[str] = []

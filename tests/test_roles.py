@@ -211,7 +211,7 @@ def test_summarizer_missing_or_broken_is_a_clear_error(prompts: Path) -> None:
     path = prompts / "summarizer.md"
     path.unlink()
     registry = RoleRegistry(prompts, check_interval=0)
-    with pytest.raises(RoleError, match="summarizer.md: missing"):
+    with pytest.raises(RoleError, match=r"summarizer\.md: missing"):
         registry.summarizer()
     assert any("summarizer.md: missing" in e for e in registry.errors())
     write(path, "---\ntitle: S\ntemperature: 9\n---\nSummarise.\n")
@@ -231,7 +231,7 @@ def test_default_role_falls_back_and_empty_folder_raises(tmp_path: Path) -> None
     (folder / "zeta.md").unlink()
     (folder / "alpha.md").unlink()
     with pytest.raises(RoleError, match="no usable role files"):
-        registry.default_role_id
+        _ = registry.default_role_id
     assert RoleRegistry(tmp_path / "missing").errors()[0].startswith(str(tmp_path / "missing"))
 
 

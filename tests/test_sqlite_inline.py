@@ -1,4 +1,6 @@
-"""SQLite on the event loop's thread (storage/sqlite_inline.py): lock waits and checkpoints never stall the loop."""
+"""SQLite on the event loop's thread (storage/sqlite_inline.py).
+
+Lock waits and checkpoints never stall the loop."""
 
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ async def test_engine_results_match_the_worker_thread_driver(tmp_path: Path) -> 
                 try:
                     await conn.execute(text("INSERT INTO t VALUES (1, 'dup', NULL)"))
                     error = None
-                except Exception as exc:  # noqa: BLE001 - the class is what is compared
+                except Exception as exc:
                     error = type(exc).__name__
             outcomes.append(([tuple(r) for r in rows], error))
         finally:

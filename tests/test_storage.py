@@ -161,7 +161,7 @@ async def test_rotation_keeps_everything_readable(
 
     crypto.configure(crypto.Cipher([new_key, old_key]))
     async with sessions() as db:  # both keys: old rows still read
-        assert [m.text for m in await Messages(db).for_session(chat_id)][0] == CANARY
+        assert next(m.text for m in await Messages(db).for_session(chat_id)) == CANARY
     rewritten = await rotate_all(sessions)
     assert rewritten["messages.text"] == 2
     assert rewritten["users.instructions"] == 1

@@ -54,7 +54,9 @@ async def test_whitespace_and_oversized_text_get_clear_answers(
     assert await message_count(sessions) == 0
 
 
-async def test_forged_and_stale_buttons_do_nothing(h: Harness, sessions: async_sessionmaker[AsyncSession]) -> None:
+async def test_forged_and_stale_buttons_do_nothing(
+    h: Harness, sessions: async_sessionmaker[AsyncSession]
+) -> None:
     h.ai.reply = "ok"
     await h.reply_to(h.tg.send_text(7, "my own session"), lambda m: m.text == "ok")
     other_session = h.tg.send_text(8, "another user's session")
@@ -67,7 +69,9 @@ async def test_forged_and_stale_buttons_do_nothing(h: Harness, sessions: async_s
         h.tg.enqueue({"update_id": 10_000 + i, "callback_query": {
             **base, "id": f"q{i}", "data": data, "message": message}})
     for i in range(4):
-        call = await h.tg.wait_for(lambda c, i=i: c.method == "answerCallbackQuery" and c.params.get("callback_query_id") == f"q{i}")
+        call = await h.tg.wait_for(
+            lambda c, i=i: c.method == "answerCallbackQuery" and c.params.get("callback_query_id") == f"q{i}"
+        )
         assert "expired" in str(call.params.get("text", "")).lower()
     async with sessions() as db:  # "del:yes" with an ancient timestamp deleted nothing
         assert await db.scalar(select(func.count()).select_from(Message).where(Message.user_id == 7)) == 2
@@ -141,7 +145,9 @@ async def test_custom_instructions_reach_the_prompt_and_can_be_cleared(h: Harnes
     update = h.tg.send_text(16, "/personalize")
     menu = await h.reply_to(update, lambda m: m.reply_markup is not None)
     h.tg.press_button(16, menu.message_id, "instr:edit")
-    await h.tg.wait_for_message(16, lambda m: "instructions" in (m.text or "").lower() and m.message_id > menu.message_id)
+    await h.tg.wait_for_message(
+        16, lambda m: "instructions" in (m.text or "").lower() and m.message_id > menu.message_id
+    )
     saved = h.tg.send_text(16, "Call me Captain. Answer in haiku.")
     await h.reply_to(saved, lambda m: "Saved" in (m.text or ""))
     await h.reply_to(h.tg.send_text(16, "hello"), lambda m: (m.text or "").startswith("Answer"))
@@ -154,7 +160,9 @@ async def test_custom_instructions_reach_the_prompt_and_can_be_cleared(h: Harnes
     update = h.tg.send_text(16, "/personalize")
     menu = await h.reply_to(update, lambda m: m.reply_markup is not None and "Captain" in (m.text or ""))
     h.tg.press_button(16, menu.message_id, "instr:clear")
-    await h.tg.wait_for(lambda c: c.method == "answerCallbackQuery" and "cleared" in str(c.params.get("text")))
+    await h.tg.wait_for(
+        lambda c: c.method == "answerCallbackQuery" and "cleared" in str(c.params.get("text"))
+    )
     await h.reply_to(h.tg.send_text(16, "again"), lambda m: (m.text or "").startswith("Answer #2"))
     assert "Captain" not in (h.ai.last_system_prompt() or "")
 
@@ -165,15 +173,26 @@ async def test_session_list_pages_and_opens_a_summary(h: Harness) -> None:
         if body["model"] == "gpt-4o-mini" else "ok"
     )
     for i in range(6):
-        await h.reply_to(h.tg.send_text(17, f"/start_session Topic {i}"), lambda m: f"Topic {i}" in (m.text or ""))
+        await h.reply_to(
+            h.tg.send_text(17, f"/start_session Topic {i}"), lambda m, i=i: f"Topic {i}" in (m.text or "")
+        )
         await h.reply_to(h.tg.send_text(17, f"talk {i}"), lambda m: m.text == "ok")
-    listing = await h.reply_to(h.tg.send_text(17, "/list_sessions"), lambda m: "page 1 of 2" in (m.text or ""))
+    listing = await h.reply_to(
+        h.tg.send_text(17, "/list_sessions"), lambda m: "page 1 of 2" in (m.text or "")
+    )
     buttons = [b["callback_data"] for row in listing.reply_markup["inline_keyboard"] for b in row]
     assert "sp:1" in buttons and "Topic 5" in (listing.text or "") and "Topic 0" not in (listing.text or "")
     h.tg.press_button(17, listing.message_id, "sp:1")
-    page2 = await h.tg.wait_for_message(17, lambda m: m.message_id == listing.message_id and "page 2 of 2" in (m.text or ""))
-    opener = next(b for row in page2.reply_markup["inline_keyboard"] for b in row if b["callback_data"].startswith("so:"))
+    page2 = await h.tg.wait_for_message(
+        17, lambda m: m.message_id == listing.message_id and "page 2 of 2" in (m.text or "")
+    )
+    opener = next(
+        b for row in page2.reply_markup["inline_keyboard"] for b in row
+        if b["callback_data"].startswith("so:")
+    )
     h.tg.press_button(17, listing.message_id, opener["callback_data"])
-    summary = await h.tg.wait_for_message(17, lambda m: m.message_id == listing.message_id and "We discussed" in (m.text or ""))
+    summary = await h.tg.wait_for_message(
+        17, lambda m: m.message_id == listing.message_id and "We discussed" in (m.text or "")
+    )
     assert "Topic 0" in (summary.text or "")
     assert "💬 2\n" in (summary.text or "")  # that session's question and answer, counted

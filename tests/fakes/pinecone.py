@@ -162,7 +162,7 @@ def _validate_metadata(metadata: Any) -> None:
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
     na = math.sqrt(sum(x * x for x in a))
     nb = math.sqrt(sum(y * y for y in b))
     return 0.0 if na == 0 or nb == 0 else dot / (na * nb)
@@ -199,11 +199,11 @@ class FakePinecone(ThreadedServer):
         self._requests: list[Request] = []
         self._faults: dict[str, deque[_Fault]] = {}
 
-    def start_in_thread(self, timeout: float = 5.0) -> "FakePinecone":
+    def start_in_thread(self, timeout: float = 5.0) -> FakePinecone:
         super().start_in_thread(timeout)
         return self
 
-    def __enter__(self) -> "FakePinecone":
+    def __enter__(self) -> FakePinecone:
         return self.start_in_thread()
 
     # ------------------------------------------------------------- test helpers
@@ -377,7 +377,7 @@ class FakePinecone(ThreadedServer):
             if self.metric == "cosine":
                 score = _cosine(vector, stored["values"])
             else:
-                score = sum(x * y for x, y in zip(vector, stored["values"]))
+                score = sum(x * y for x, y in zip(vector, stored["values"], strict=False))
             scored.append((score, stored))
         scored.sort(key=lambda pair: (-pair[0], pair[1]["id"]))
         include_values = bool(body.get("includeValues"))

@@ -84,11 +84,11 @@ class FakeSentry(ThreadedServer):
         self._lock = threading.Lock()
         self._envelopes: list[Envelope] = []
 
-    def start_in_thread(self, timeout: float = 5.0) -> "FakeSentry":
+    def start_in_thread(self, timeout: float = 5.0) -> FakeSentry:
         super().start_in_thread(timeout)
         return self
 
-    def __enter__(self) -> "FakeSentry":
+    def __enter__(self) -> FakeSentry:
         return self.start_in_thread()
 
     @property

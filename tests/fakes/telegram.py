@@ -9,6 +9,7 @@ The fake plays Telegram (validation, offsets, errors) and the user (``send_text`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import json
@@ -38,13 +39,20 @@ NOT_MODIFIED = (
 QUERY_INVALID = "Bad Request: query is too old and response timeout expired or query ID is invalid"
 # Free-text parameters stay strings even when they look like JSON ("123", "[1]", "true").
 _TEXT_FIELDS = frozenset(
-    "text caption description short_description name title query secret_token callback_query_id "
-    "url custom_emoji_id inline_message_id document photo sticker voice audio video animation "
-    "thumbnail emoji data parse_mode action language_code ip_address message_effect_id".split()
+    [
+        "text", "caption", "description", "short_description", "name", "title", "query",
+        "secret_token", "callback_query_id", "url", "custom_emoji_id", "inline_message_id",
+        "document", "photo", "sticker", "voice", "audio", "video", "animation", "thumbnail",
+        "emoji", "data", "parse_mode", "action", "language_code", "ip_address",
+        "message_effect_id"
+    ]
 )
 _CHAT_ACTIONS = frozenset(
-    "typing upload_photo record_video upload_video record_voice upload_voice upload_document "
-    "choose_sticker find_location record_video_note upload_video_note".split()
+    [
+        "typing", "upload_photo", "record_video", "upload_video", "record_voice",
+        "upload_voice", "upload_document", "choose_sticker", "find_location",
+        "record_video_note", "upload_video_note"
+    ]
 )
 # Telegram HTML: tag -> entity type. Anything else is "Unsupported start tag".
 _HTML_TAGS = {
@@ -199,12 +207,15 @@ def parse_html(source: str) -> tuple[str, list[Obj]]:
     i = 0
     while i < len(source):
         char = source[i]
-        if char == "&" and (ent := _HTML_ENTITY_RE.match(source, i)):
-            if (decoded := _decode_html_entity(ent.group(1))) is not None:
-                out.append(decoded)
-                units += utf16_len(decoded)
-                i = ent.end()
-                continue
+        if (
+            char == "&"
+            and (ent := _HTML_ENTITY_RE.match(source, i))
+            and (decoded := _decode_html_entity(ent.group(1))) is not None
+        ):
+            out.append(decoded)
+            units += utf16_len(decoded)
+            i = ent.end()
+            continue
         if char != "<":
             out.append(char)
             units += utf16_len(char)
@@ -362,7 +373,7 @@ class FakeTelegram:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        server = site._server
         assert server is not None and server.sockets
         self._port = server.sockets[0].getsockname()[1]
         return self
@@ -459,10 +470,8 @@ class FakeTelegram:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"{what} within {timeout}s; recent calls:\n{self._recent()}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                pass
 
     def _recent(self, limit: int = 15) -> str:
         calls = [c for c in self.calls if c.method != "getUpdates"][-limit:]
@@ -656,10 +665,12 @@ class FakeTelegram:
         headers = {}
         if self.webhook.secret_token:
             headers["X-Telegram-Bot-Api-Secret-Token"] = self.webhook.secret_token
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.webhook.url, json=update, headers=headers) as response:
-                await response.read()
-                return response.status
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.webhook.url, json=update, headers=headers) as response,
+        ):
+            await response.read()
+            return response.status
 
     # ---------------------------------------------------------------------- HTTP
 
@@ -698,10 +709,12 @@ class FakeTelegram:
                     raw[key] = value
         params = {key: _decode_param(key, value) for key, value in raw.items()}
         for key, value in list(params.items()):  # document="attach://x" + part x -> the file
-            if isinstance(value, str) and value.startswith("attach://"):
-                if isinstance(part := params.get(value[len("attach://"):]), UploadedFile):
-                    params[key] = part
-                    del params[value[len("attach://"):]]
+            if (
+                isinstance(value, str) and value.startswith("attach://")
+                and isinstance(part := params.get(value[len("attach://"):]), UploadedFile)
+            ):
+                params[key] = part
+                del params[value[len("attach://"):]]
         return params
 
     def _bot_user(self, token: str) -> Obj:
@@ -797,10 +810,8 @@ class FakeTelegram:
             remaining = deadline - loop.time()
             if self._pending or self._closing or remaining <= 0:
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                pass
         batch = self._pending[:limit]
         for pending in batch:
             pending.delivered = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ class ThreadedServer:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start_in_thread(self, timeout: float = 5.0) -> "ThreadedServer":
+    def start_in_thread(self, timeout: float = 5.0) -> ThreadedServer:
         if self._thread is not None:
             return self
         self._thread = threading.Thread(
@@ -52,16 +53,14 @@ class ThreadedServer:
             return
         if self._runner is not None and loop.is_running():
             future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop)
-            try:
+            with contextlib.suppress(Exception):
                 future.result(timeout)
-            except Exception:  # noqa: BLE001 - stopping must not fail a test's teardown
-                pass
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         self._thread = self._loop = self._runner = None
         self._ready.clear()
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         return self.start_in_thread()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -90,7 +89,7 @@ class ThreadedServer:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._start_site())
-        except BaseException as exc:  # noqa: BLE001 - reported to start_in_thread
+        except BaseException as exc:
             self._error = exc
             self._ready.set()
             loop.close()
