@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import gc
+import logging
+import os
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
-# Start-up allocates ~400,000 long-lived objects (classes, schemas, SQL metadata) and frees few:
-# the cyclic GC would walk them again and again (0.4-1 s). It is paused until the services are
-# composed, then the start-up objects are frozen out of later collections (resume_gc). Here
-# only when run as a program (importing bot leaves the GC alone); main() pauses it too.
-_GC_PAUSED = __name__ == "__main__" and gc.isenabled()
-if _GC_PAUSED:
-    gc.disable()
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from contextlib import asynccontextmanager  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
-
-from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError
 
 # numpy's BLAS threads spin against the event loop on a small machine: one thread scores
 # a 10,000-memory matrix ~4x faster here under load (bench/retrieval.py). Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from settings import ConfigError, Settings, load_settings  # noqa: E402
+from settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from graph.agent import Agent
@@ -226,7 +217,6 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 import handlers.app
             else:
                 import handlers.webhook  # noqa: F401
-        resume_gc()
         if mode == "polling":
             from handlers.app import run_polling
 
@@ -262,28 +252,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 # A young-generation collection every 10,000 container allocations instead of CPython's 700.
 # A message allocates a few thousand containers (pydantic models, SQL parameters, HTTP
-# headers, stream chunks) that reference counting frees; at 700 the collector ran several times
-# per message and walked what the turns in flight held, ~1 ms of CPU per message and pauses of
-# up to 140 ms when a full collection followed (`python -m bench throughput -- --patches
-# gc_default_thresholds` prices it). Cyclic garbage waits a little longer: kilobytes.
+# headers, stream chunks) that reference counting frees; at 700 the collector runs several
+# times per message and walks what the answers in flight hold: 1,000 users at once are
+# answered ~13 % later (bench/README.md). Cyclic garbage waits a little longer: kilobytes.
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def resume_gc() -> None:
-    """End of start-up: what exists now lives as long as the process; collect the rest as usual.
-
-    gc.freeze() moves the start-up objects out of the collector's sight (as a fork server does
-    before forking), so the first collections after start-up do not walk them all, and later
-    full collections stay short under load. The cyclic garbage left by start-up is kept with
-    them: ~2,500 objects, ~2 MB (measured).
-    """
-    global _GC_PAUSED
-    if _GC_PAUSED:
-        _GC_PAUSED = False
-        gc.freeze()
-        _, older, oldest = gc.get_threshold()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-        gc.enable()
+def tune_gc() -> None:
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def start_monitoring(settings: Settings) -> None:
@@ -302,8 +279,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop where it is installed, asyncio's otherwise (Windows).
 
     Every message is a dozen socket round trips (Telegram, the model, PostgreSQL) and a few
-    hundred wake-ups: uvloop does that bookkeeping in C, 3-10 % more messages per second
-    (`python -m bench throughput -- --patches asyncio_loop` prices it).
+    hundred wake-ups: uvloop does that bookkeeping in C (bench/README.md has the figure).
     """
     try:
         import uvloop
@@ -313,11 +289,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _GC_PAUSED
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if gc.isenabled():  # bot.main() called by a launcher (bench/botproc.py): the same start-up
-        gc.disable()
-        _GC_PAUSED = True
+    tune_gc()
     try:
         settings = load_settings()
         configure_logging(settings)
@@ -329,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        resume_gc()  # a no-op after start-up; after a failed start, the GC is not left paused
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
+from graph.nodes import MODEL_STARTED
 from graph.roles import Role
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
@@ -84,34 +85,48 @@ class Profile:
     role: Role
 
 
-class DeltaFeed:
-    """The model's deltas, handed to the front end in batches.
+class TurnRun:
+    """One run of the turn graph, read through LangGraph's stream (custom + values).
 
-    The graph runs in its own task and pushes every delta here; the front end takes all that
-    arrived since it last looked in one piece, so a fast stream costs a few wake-ups, not one
-    per token, and a slow one still shows each token as it comes.
+    The run reads the stream in its own task. Deltas are handed to the front end in batches:
+    it takes all that arrived since it last looked in one piece, so a fast stream costs a few
+    wake-ups, not one per token, and a slow one still shows each token as it comes. The latest
+    state is kept, so a run cancelled midway can settle what it reserved.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, graph: Any, text: str, context: TurnContext) -> None:
+        self.state: dict[str, Any] = {}
+        self.model_started = False
         self._parts: list[str] = []
         self._wake: asyncio.Future[None] | None = None
+        self.task = asyncio.create_task(self._read(graph, text, context))
+        self.task.add_done_callback(self._signal)
 
-    def push(self, text: str) -> None:
-        self._parts.append(text)
-        self._signal()
+    async def _read(self, graph: Any, text: str, context: TurnContext) -> None:
+        async for mode, chunk in graph.astream(
+            {"text": text}, context=context, stream_mode=["custom", "values"]
+        ):
+            if mode == "values":
+                self.state = chunk
+            elif chunk is MODEL_STARTED:
+                self.model_started = True
+            else:
+                self._parts.append(chunk)
+                self._signal()
 
     def _signal(self, *_: object) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def until_done(self, run: asyncio.Task[Any]) -> AsyncIterator[str]:
-        run.add_done_callback(self._signal)
+    async def deltas(self) -> AsyncIterator[str]:
+        """The answer as it is generated, until the run ends (then `state` is final)."""
         while True:
             if self._parts:
                 text = "".join(self._parts)
                 self._parts.clear()
                 yield text
-            elif run.done():
+            elif self.task.done():
+                self.task.result()  # the run's error, if it failed
                 return
             else:
                 self._wake = asyncio.get_running_loop().create_future()
@@ -219,13 +234,11 @@ class Agent:
             memory_scope=scope,
             history=stored.history, trace=trace,
         )
-        feed = DeltaFeed()
-        context.on_delta = feed.push
-        run = asyncio.create_task(self.turn_graph.ainvoke({"text": text}, context=context))
+        run = TurnRun(self.turn_graph, text, context)
         try:
-            async for delta in feed.until_done(run):
+            async for delta in run.deltas():
                 yield Delta(delta)
-            final: dict[str, Any] = run.result()
+            final = run.state
             trace.end()
         except IntegrityError:
             # The user deleted their data while this turn ran: nothing is written back.
@@ -234,9 +247,9 @@ class Agent:
         except asyncio.CancelledError:
             # Shutdown: the question stays pending and is answered after the restart; the
             # reservation is released, or charged when the model may already have spent tokens.
-            await _stop(run)
+            await _stop(run.task)
             trace.outcome = "cancelled"
-            await asyncio.shield(self._settle_abandoned(context))
+            await asyncio.shield(self._settle_abandoned(run))
             self._save_trace(trace)
             raise
         except Exception as exc:
@@ -245,7 +258,7 @@ class Agent:
             self._save_trace(trace)
             raise
         finally:
-            await _stop(run)  # the front end stopped listening early: the run goes with it
+            await _stop(run.task)  # the front end stopped listening early: the run goes with it
         # The answer goes out first; its trace is written while the user already reads it.
         yield self._final_event(final)
         self._save_trace(trace)
@@ -297,13 +310,15 @@ class Agent:
             user.private_data_in_groups, resumed=True,
         )
 
-    async def _settle_abandoned(self, context: TurnContext) -> None:
-        if context.reservation_id is None:
+    async def _settle_abandoned(self, run: TurnRun) -> None:
+        """A run cut off before its answer was kept: release its reservation, or charge it all
+        when the provider may already bill it (settling twice charges once)."""
+        reservation = run.state.get("reservation")
+        if reservation is None or run.state.get("outcome") is not None:
             return
         async with self.services.sessions() as db:
-            await Budget(db).settle(context.reservation_id, None if context.model_started else 0)
+            await Budget(db).settle(reservation.id, None if run.model_started else 0)
             await db.commit()
-        context.reservation_id = None
 
     @staticmethod
     def _final_event(final: dict[str, Any]) -> TurnEvent:

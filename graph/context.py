@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,9 +25,12 @@ class Services:
     models: ModelGateway
 
 
-@dataclass
+@dataclass(frozen=True)
 class TurnContext:
-    """Passed at invoke time as Runtime[TurnContext]: who is asking, in which session."""
+    """Passed at invoke time as Runtime[TurnContext]: who is asking, in which session.
+
+    Read-only: what a node produces goes into the state, which the agent reads from the stream.
+    """
 
     services: Services
     user_id: int
@@ -40,14 +42,9 @@ class TurnContext:
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
-    # Set by the nodes, so a run cancelled midway (shutdown) can settle what it reserved.
-    reservation_id: str | None = None
-    model_started: bool = False
-    # Where the model's deltas go as they arrive (the agent's DeltaFeed); None: nobody watches.
-    on_delta: Callable[[str], None] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SummaryContext:
     services: Services
     user_id: int

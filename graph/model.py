@@ -1,11 +1,10 @@
-"""The model provider: streamed chat, summaries and embeddings, with the one retry loop."""
+"""The model provider: streamed chat, summaries and embeddings, with the one retry policy."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,8 +13,13 @@ import aiohttp
 import numpy as np
 import openai
 from langchain_core.messages import BaseMessage
-from langchain_openai import ChatOpenAI
-from pydantic import SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,51 +115,31 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 class ModelGateway:
-    """Owns every call to the provider; the SDK's own retries are off (max_retries=0).
+    """Owns every call to the provider: one OpenAI SDK client, one retry policy (`_retrying`).
 
-    Answers and embeddings are posted with the OpenAI SDK's own `post` and read as plain dicts:
-    not the pydantic chunk models, message chunks and callback dispatch that ChatOpenAI's
-    `astream` adds to every token (about a third of the bot's CPU per message,
-    bench/experiments.py), nor the SDK's request transform, which walks every message of the
-    prompt (~1 ms per call with a long history), nor langchain's embeddings wrapper and the
-    SDK's response models (~0.6 ms per embedding in py-spy). Summaries, which are not streamed,
-    go through ChatOpenAI itself.
+    Answers, summaries and embeddings are posted with the SDK's own `post` and read as plain
+    dicts: not ChatOpenAI's pydantic chunk models, message chunks and callback dispatch on every
+    token, nor the SDK's request transform and response models (measured in bench/README.md).
+    The SDK's own retries are off (max_retries=0): the retries are ours, so quota and auth
+    errors are never retried and a streamed answer is never retried after its first token.
 
     The transport is the SDK's aiohttp one (openai.DefaultAioHttpClient): a streamed answer is
-    one read per token, and aiohttp's C parser reads each for about half of httpx's CPU
-    (README, Benchmarks).
+    one read per token, and aiohttp's C parser reads each for about half of httpx's CPU.
     """
 
     def __init__(
         self, *, api_key: str, base_url: str | None, embedding_model: str, timeout: float,
         max_attempts: int, retry_base_delay: float,
     ) -> None:
-        self._api_key = api_key
-        self._base_url = base_url
-        self._timeout = timeout
         self._max_attempts = max_attempts
         self._retry_base_delay = retry_base_delay
-        # One connection pool for every model, owned here so it is closed on this event loop
-        # (langchain-openai would otherwise share one per base URL across the whole process).
-        self._http = openai.DefaultAioHttpClient()
-        self._chat_models: dict[tuple[str, float], ChatOpenAI] = {}
         self._embedding_model = embedding_model
-        # Streamed answers and embeddings: plain requests on the SDK client (retries are ours).
-        self._client = openai.AsyncOpenAI(
+        # One connection pool for every model, owned here so it is closed on this event loop.
+        self._http = openai.DefaultAioHttpClient()
+        self.client = openai.AsyncOpenAI(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout,
             http_client=self._http,
         )
-
-    def chat_model(self, model: str, temperature: float) -> ChatOpenAI:
-        key = (model, temperature)
-        if key not in self._chat_models:
-            self._chat_models[key] = ChatOpenAI(
-                model=model, temperature=temperature, api_key=SecretStr(self._api_key),
-                base_url=self._base_url, max_retries=0, timeout=self._timeout,
-                # Without stream_usage a custom base_url streams no usage: budgets would read 0.
-                stream_usage=True, use_responses_api=False, http_async_client=self._http,
-            )
-        return self._chat_models[key]
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -165,91 +149,108 @@ class ModelGateway:
         on_delta: Callable[[str], None] | None = None,
     ) -> ModelResult:
         """Stream an answer; retry only before the first token (a retry after it would repeat text)."""
-        client = self._client
         request = {
             "model": model, "messages": [_as_openai(m) for m in messages],
             "temperature": temperature, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True},
         }
-        attempt = 0
-        while True:
-            attempt += 1
+        answer = _StreamedAnswer(on_delta)
+
+        async def attempt() -> None:
+            nonlocal answer
             answer = _StreamedAnswer(on_delta)
-            try:
-                # The SDK's stream reads past [DONE] (a response left unread could not give its
-                # connection back to the pool) and raises an error event as APIError.
-                stream = await client.post(
-                    "/chat/completions", body=request, cast_to=object, stream=True,
-                    stream_cls=openai.AsyncStream[object],
-                )
-                async with stream:
-                    async for chunk in stream:
-                        answer.feed(chunk)
-            except Exception as exc:
-                kind = classify(exc)
-                if answer.parts:
-                    return answer.result(attempt, kind, type(exc).__name__)
-                if kind in RETRYABLE and attempt < self._max_attempts:
-                    await asyncio.sleep(self._delay(attempt, exc))
-                    continue
-                log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempt)
-                return answer.result(attempt, kind, type(exc).__name__)
-            return answer.result(attempt)
+            # The SDK's stream reads past [DONE] (a response left unread could not give its
+            # connection back to the pool) and raises an error event as APIError.
+            stream = await self.client.post(
+                "/chat/completions", body=request, cast_to=object, stream=True,
+                stream_cls=openai.AsyncStream[object],
+            )
+            async with stream:
+                async for chunk in stream:
+                    answer.feed(chunk)
+
+        retrying = self._retrying(lambda: not answer.parts)
+        try:
+            await retrying(attempt)
+        except Exception as exc:
+            kind, error, attempts = _failed(exc, retrying)
+            return answer.result(attempts, kind, error)
+        return answer.result(_attempts(retrying))
 
     async def complete(
         self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int
     ) -> ModelResult:
-        """A whole answer at once (summaries), through ChatOpenAI; the same retry policy."""
-        llm = self.chat_model(model, temperature)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                reply = await llm.ainvoke(messages, max_tokens=max_tokens)
-            except Exception as exc:
-                kind = classify(exc)
-                if kind in RETRYABLE and attempt < self._max_attempts:
-                    await asyncio.sleep(self._delay(attempt, exc))
-                    continue
-                log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempt)
-                return ModelResult("", None, None, kind, attempt, type(exc).__name__)
-            text = reply.content if isinstance(reply.content, str) else str(reply.content)
-            usage = reply.usage_metadata
-            truncated = reply.response_metadata.get("finish_reason") == "length"
-            if not usage:
-                return ModelResult(text, None, None, None, attempt, truncated=truncated)
-            return ModelResult(
-                text, int(usage["input_tokens"]), int(usage["output_tokens"]), None, attempt,
-                truncated=truncated,
-            )
+        """A whole answer at once (summaries)."""
+        request = {
+            "model": model, "messages": [_as_openai(m) for m in messages],
+            "temperature": temperature, "max_tokens": max_tokens,
+        }
+        retrying = self._retrying()
+        try:
+            reply: Any = await retrying(self.client.post, "/chat/completions", body=request, cast_to=object)
+        except Exception as exc:
+            kind, error, attempts = _failed(exc, retrying)
+            return ModelResult("", None, None, kind, attempts, error)
+        choice = (reply.get("choices") or [{}])[0]
+        text = str((choice.get("message") or {}).get("content") or "")
+        truncated = choice.get("finish_reason") == "length"
+        usage = reply.get("usage")
+        if not usage:
+            return ModelResult(text, None, None, None, _attempts(retrying), truncated=truncated)
+        return ModelResult(
+            text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), None,
+            _attempts(retrying), truncated=truncated,
+        )
 
     async def embed(self, text: str) -> list[float]:
         """The text's embedding. As the SDK itself asks by default, the vector comes base64-encoded
         (a quarter of the JSON, decoded by numpy); a provider that answers with a JSON list of
         floats is read too."""
         body = {"model": self._embedding_model, "input": text, "encoding_format": "base64"}
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                reply = await self._client.post("/embeddings", body=body, cast_to=object)
-                vector = reply["data"][0]["embedding"]  # type: ignore[index]
-                if isinstance(vector, str):
-                    return np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
-                return [float(x) for x in vector]
-            except Exception as exc:
-                kind = classify(exc)
-                if kind in RETRYABLE and attempt < self._max_attempts:
-                    await asyncio.sleep(self._delay(attempt, exc))
-                    continue
-                raise ModelFault(kind, type(exc).__name__, attempt) from None
+        retrying = self._retrying()
+        try:
+            reply: Any = await retrying(self.client.post, "/embeddings", body=body, cast_to=object)
+        except Exception as exc:
+            raise ModelFault(*_failed(exc, retrying)) from None
+        vector = reply["data"][0]["embedding"]
+        if isinstance(vector, str):
+            return np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
+        return [float(x) for x in vector]
 
-    def _delay(self, attempt: int, exc: BaseException) -> float:
-        hinted = _retry_after(exc)
-        if hinted is not None:
-            return hinted
-        # Full jitter keeps many users who failed together from retrying together.
-        return self._retry_base_delay * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+    async def reachable(self) -> None:
+        """One cheap authenticated request (the readiness probe); raises what the provider says."""
+        await self.client.models.list()
+
+    def _retrying(self, still_retryable: Callable[[], bool] = lambda: True) -> AsyncRetrying:
+        """The one retry policy: busy and unavailable faults only, up to max_attempts, the
+        provider's Retry-After honoured, otherwise exponential backoff with full jitter (so
+        users who failed together do not retry together). Re-raises the last error."""
+
+        def worth_retrying(exc: BaseException) -> bool:
+            return classify(exc) in RETRYABLE and still_retryable()
+
+        jitter = wait_random_exponential(multiplier=self._retry_base_delay, max=MAX_RETRY_AFTER)
+
+        def wait(state: RetryCallState) -> float:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            hinted = _retry_after(failed) if failed is not None else None
+            return hinted if hinted is not None else jitter(state)
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts), wait=wait,
+            retry=retry_if_exception(worth_retrying), reraise=True,
+        )
+
+
+def _attempts(retrying: AsyncRetrying) -> int:
+    return int(retrying.statistics.get("attempt_number", 1))
+
+
+def _failed(exc: BaseException, retrying: AsyncRetrying) -> tuple[FaultKind, str, int]:
+    """(kind, error class, attempts) of a call that gave up, logged without its message."""
+    kind, attempts = classify(exc), _attempts(retrying)
+    log.warning("model call failed: %s (%s) after %d attempts", kind, type(exc).__name__, attempts)
+    return kind, type(exc).__name__, attempts
 
 
 _OPENAI_ROLES = {"system": "system", "human": "user", "ai": "assistant"}

@@ -161,6 +161,13 @@ def _fit_history(rows: list[HistoryEntry], room: int, model: str) -> tuple[list[
     return messages, used
 
 
+class ModelStarted:
+    """Written to the custom stream when the provider is called (the deltas that follow are str)."""
+
+
+MODEL_STARTED = ModelStarted()
+
+
 async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     ctx = runtime.context
     settings = ctx.services.settings
@@ -182,7 +189,6 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
         outcome, max_tokens = await turns.reserve(db, ask, size)
     if isinstance(outcome, OverBudget):
         return {"refusal": outcome, "reservation": None}
-    ctx.reservation_id = outcome.id
     return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
 
 
@@ -200,11 +206,12 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
     ctx = runtime.context
     model = ctx.role.model or ctx.services.settings.chat_model
     ctx.trace.model = model
-    ctx.model_started = True
+    # Through LangGraph's custom stream: the agent learns the provider may now bill the
+    # reservation (a cancelled run settles accordingly), then reads the answer as it comes.
+    runtime.stream_writer(MODEL_STARTED)
     result = await ctx.services.models.stream_chat(
         state["prompt"], model=model, temperature=ctx.role.temperature,
-        max_tokens=state["max_tokens"],
-        on_delta=ctx.on_delta,
+        max_tokens=state["max_tokens"], on_delta=runtime.stream_writer,
     )
     return {"result": result}
 
@@ -247,9 +254,7 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
             kept = await turns.persist(db, written)
     except IntegrityError:
         kept = False  # the answer's foreign keys: its question was deleted meanwhile
-    if kept:
-        ctx.reservation_id = None
-    else:
+    if not kept:
         # The user deleted their data while the model was answering: write nothing back.
         outcome = "deleted"
         charged = 0

@@ -11,15 +11,25 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 log = logging.getLogger(__name__)
 
 SUMMARIZER_ID = "summarizer"
 DEFAULT_ROLE_ID = "personal_assistant"
 LANGUAGES = ("en", "ru")
+Language = Literal["en", "ru"]
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_OUTPUT_TOKENS = 1000
@@ -30,9 +40,6 @@ MAX_FILE_BYTES = 64 * 1024
 # Role ids travel in callback data (64 bytes in total) and are stored per user, so they stay
 # short, lowercase ASCII and stable.
 _ROLE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_FIELDS = ("title", "description", "button", "model", "temperature", "max_output_tokens")
-# Telegram shows titles and buttons in keyboards and headers; long ones get cut off there.
-_TEXT_LIMITS = {"title": 64, "button": 64, "description": 300}
 
 
 class RoleError(RuntimeError):
@@ -56,7 +63,7 @@ def role_language(code: str | None) -> str:
     return "ru" if primary == "ru" else "en"
 
 
-def _pick(texts: Mapping[str, str], lang: str | None) -> str:
+def _pick(texts: Mapping[Language, str], lang: str | None) -> str:
     if role_language(lang) == "ru" and texts.get("ru"):
         return texts["ru"]
     return texts.get("en", "")
@@ -68,9 +75,9 @@ class Role:
 
     id: str
     # Excluded from the hash because dicts are unhashable; equality still compares them.
-    title: dict[str, str] = field(hash=False)
-    description: dict[str, str] = field(hash=False)
-    button: dict[str, str] = field(hash=False)
+    title: dict[Language, str] = field(hash=False)
+    description: dict[Language, str] = field(hash=False)
+    button: dict[Language, str] = field(hash=False)
     model: str | None  # None: the caller uses its default (CHAT_MODEL, or SUMMARY_MODEL)
     temperature: float
     max_output_tokens: int
@@ -114,36 +121,58 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return "invalid YAML front matter"
 
 
-def _texts(
-    meta: Mapping[str, Any], name: str, problems: list[str], *, required: bool = False
-) -> dict[str, str] | None:
-    value = meta.get(name)
-    if value is None:
-        if required:
-            problems.append(f"{name} is required ({name}: {{en: ..., ru: ...}})")
-        return None
-    if isinstance(value, str):
-        value = {"en": value}  # a bare string is the English text; convenient for simple roles
-    if not isinstance(value, dict):
-        problems.append(f"{name} must be a mapping like {{en: ..., ru: ...}}")
-        return None
-    result: dict[str, str] = {}
-    for lang, text in value.items():
-        if lang not in LANGUAGES:
-            problems.append(
-                f"{name} has an unknown language key {str(lang)[:40]!r} "
-                f"(use only: {', '.join(LANGUAGES)})"
-            )
-        elif not isinstance(text, str) or not text.strip():
-            problems.append(f"{name}.{lang} must be a non-empty string")
-        elif len(text.strip()) > _TEXT_LIMITS[name]:
-            problems.append(f"{name}.{lang} is longer than {_TEXT_LIMITS[name]} characters")
-        else:
-            result[lang] = text.strip()
+def _bare_is_english(value: object) -> object:
+    # A bare string is the English text; convenient for simple roles.
+    return {"en": value} if isinstance(value, str) else value
+
+
+def _needs_english(texts: dict[str, str]) -> dict[str, str]:
     # English is the fallback for every other language, so it cannot be missing.
-    if "en" not in value:
-        problems.append(f"{name} needs an English text ({name}: {{en: ...}})")
-    return result
+    if "en" not in texts:
+        raise ValueError("needs an English text ({en: ...})")
+    return texts
+
+
+# Telegram shows titles and buttons in keyboards and headers, where long ones get cut off.
+_ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+_LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300)]
+_English = (BeforeValidator(_bare_is_english), AfterValidator(_needs_english))
+ShortTexts = Annotated[dict[Language, _ShortText], *_English]
+LongTexts = Annotated[dict[Language, _LongText], *_English]
+
+
+class FrontMatter(BaseModel):
+    """The YAML between the '---' lines of a role file."""
+
+    # forbid: a typo such as "temprature" would otherwise silently fall back to the default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: ShortTexts  # {en: ..., ru: ...}, or a bare string: the English text
+    description: LongTexts = {}
+    button: ShortTexts | None = None  # None: the title
+    # None: the caller uses its default (CHAT_MODEL, or SUMMARY_MODEL).
+    model: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+                     Field(strict=True)] | None = None
+    # strict: "temperature: yes" is a mistake, not 1.0 (YAML reads it as a boolean).
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True, allow_inf_nan=False)] = DEFAULT_TEMPERATURE
+    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS_LIMIT, strict=True)] = (
+        DEFAULT_MAX_OUTPUT_TOKENS
+    )
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line per field: where and what was expected, never the value (it is file content)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part)[:40] for part in error["loc"]) or "front matter"
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(FrontMatter.model_fields)
+            problems.append(f"unknown field {where!r} (allowed: {allowed})")
+        elif error["type"] == "missing":
+            problems.append(f"{where} is required")
+        else:
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 
 def _parse_role(role_id: str, path: Path, raw: bytes) -> Role:
@@ -158,63 +187,26 @@ def _parse_role(role_id: str, path: Path, raw: bytes) -> Role:
         meta = yaml.safe_load(front)
     except yaml.YAMLError as exc:
         raise _Invalid(_yaml_problem(exc)) from None
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict | None):
         raise _Invalid("the front matter must be a YAML mapping of fields")
-
-    problems: list[str] = []
-    unknown = [k for k in meta if k not in _FIELDS]
-    if unknown:
-        # A typo such as "temprature" would otherwise silently fall back to the default.
-        names = ", ".join(repr(str(k)[:40]) for k in unknown)
-        problems.append(f"unknown field(s): {names} (allowed: {', '.join(_FIELDS)})")
-
-    title = _texts(meta, "title", problems, required=True)
-    description = _texts(meta, "description", problems) or {}
-    button = _texts(meta, "button", problems) or dict(title or {})
-
-    model = meta.get("model")
-    if model is not None and (not isinstance(model, str) or not model.strip()):
-        problems.append("model must be a model name or null (null means the operator's default)")
-        model = None
-
-    temperature = meta.get("temperature", DEFAULT_TEMPERATURE)
-    # bool is an int subclass in Python, and "temperature: yes" is a mistake, not 1.0.
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or not 0 <= temperature <= 2
-    ):
-        problems.append("temperature must be a number from 0 to 2")
-        temperature = DEFAULT_TEMPERATURE
-
-    max_tokens = meta.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
-    if (
-        isinstance(max_tokens, bool)
-        or not isinstance(max_tokens, int)
-        or not 1 <= max_tokens <= MAX_OUTPUT_TOKENS_LIMIT
-    ):
-        problems.append(
-            f"max_output_tokens must be a whole number from 1 to {MAX_OUTPUT_TOKENS_LIMIT}"
-        )
-        max_tokens = DEFAULT_MAX_OUTPUT_TOKENS
-
     system_prompt = body.strip()
+    try:
+        fields = FrontMatter.model_validate(meta or {})
+    except ValidationError as exc:
+        problems = _problems(exc)
+        if not system_prompt:
+            problems += "; the system prompt (the text after the front matter) is empty"
+        raise _Invalid(problems) from None
     if not system_prompt:
-        problems.append("the system prompt (the text after the front matter) is empty")
-
-    if problems:
-        raise _Invalid("; ".join(problems))
+        raise _Invalid("the system prompt (the text after the front matter) is empty")
     return Role(
         id=role_id,
-        title=dict(title or {}),
-        description=description,
-        button=button,
-        model=model.strip() if isinstance(model, str) else None,
-        temperature=float(temperature),
-        max_output_tokens=max_tokens,
+        title=dict(fields.title),
+        description=dict(fields.description),
+        button=dict(fields.button or fields.title),
+        model=fields.model,
+        temperature=fields.temperature,
+        max_output_tokens=fields.max_output_tokens,
         system_prompt=system_prompt,
         path=path,
     )

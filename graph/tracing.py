@@ -13,11 +13,11 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import sentry_sdk
 from langgraph.runtime import Runtime
-from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.models import Trace, User, utcnow
+from storage.models import utcnow
+from storage.repositories import Traces
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,7 @@ class TraceLog:
         for attempt in (1, 2):  # a user deleted between the check and the insert: once more
             try:
                 async with self.sessions() as db:
-                    users = {row["user_id"] for row in batch}
-                    alive = set((await db.scalars(select(User.id).where(User.id.in_(users)))).all())
-                    rows = [row for row in batch if row["user_id"] in alive]
-                    if rows:
-                        await db.execute(insert(Trace), rows)
+                    if await Traces(db).add_for_living(batch):
                         await db.commit()
                 return
             except Exception as exc:

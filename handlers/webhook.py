@@ -16,10 +16,10 @@ from aiogram.types import Update
 from aiohttp import web
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from sqlalchemy import text
 
 from graph.agent import Agent
 from handlers.delivery import Delivery
+from storage.repositories import ping
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class WebhookServer:
         checks: dict[str, str] = {}
         try:
             async with self.agent.services.sessions() as db:
-                await db.execute(text("SELECT 1"))
+                await ping(db)
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = type(exc).__name__
@@ -87,9 +87,8 @@ class WebhookServer:
         return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
 
     async def _provider(self) -> str:
-        models = self.agent.services.models.chat_model(self.agent.services.settings.chat_model, 0.0)
         try:
-            await asyncio.wait_for(models.root_async_client.models.list(), timeout=3)
+            await asyncio.wait_for(self.agent.services.models.reachable(), timeout=3)
         except Exception as exc:
             return type(exc).__name__
         return "ok"

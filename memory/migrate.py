@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from memory.base import MemoryItem
 from memory.local import LocalMemory
-from storage.models import MemoryRecord
 from storage.repositories import Memories
 
 log = logging.getLogger(__name__)
@@ -41,8 +39,7 @@ class LocalSource:
 
     async def user_ids(self) -> list[int]:
         async with self._sessions() as db:
-            rows = await db.execute(select(MemoryRecord.user_id).distinct())
-            return sorted(int(user_id) for user_id in rows.scalars())
+            return await Memories(db).user_ids()
 
     async def dump_user(self, user_id: int) -> list[tuple[MemoryItem, list[float]]]:
         async with self._sessions() as db:

@@ -11,10 +11,9 @@ import sentry_sdk
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import delete, select
 
-from storage.models import ChatSession, Message, utcnow
-from storage.repositories import Inbox, Sessions
+from storage.models import utcnow
+from storage.repositories import Inbox, Messages, Sessions
 
 if TYPE_CHECKING:
     from graph.agent import Agent
@@ -105,19 +104,11 @@ async def purge_old_transcripts(
     removed = 0
     while True:
         async with agent.services.sessions() as db:
-            # Kept here until storage.repositories grows a Messages.purge_closed_before.
-            batch = list((await db.execute(
-                select(Message.session_id)
-                .join(ChatSession, ChatSession.id == Message.session_id)
-                .where(ChatSession.status == "closed", ChatSession.ended_at < cutoff)
-                .distinct()
-                .limit(PURGE_BATCH)
-            )).scalars())
-            if not batch:
-                break
-            result = await db.execute(delete(Message).where(Message.session_id.in_(batch)))
+            purged = await Messages(db).purge_closed_before(cutoff, PURGE_BATCH)
             await db.commit()
-        removed += int(result.rowcount or 0)  # type: ignore[attr-defined]
+        if purged is None:
+            break
+        removed += purged
     if removed:
         log.info("old transcript messages purged: %d", removed)
     return removed

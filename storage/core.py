@@ -24,11 +24,8 @@ from sqlalchemy import (
     Row,
     bindparam,
     delete,
-    exists,
-    func,
     insert,
     select,
-    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -58,9 +55,7 @@ def next_reset(now: dt.datetime) -> dt.datetime:
 
 @cache
 def _statements(dialect: str) -> _Statements:
-    if dialect == "postgresql":
-        return _PostgresStatements(postgresql.insert)
-    return _Statements(sqlite.insert)
+    return _Statements(postgresql.insert if dialect == "postgresql" else sqlite.insert)
 
 
 def _sql(conn: Connection) -> _Statements:
@@ -184,116 +179,6 @@ class _Statements:
         )
 
 
-class _PostgresStatements(_Statements):
-    """PostgreSQL runs data-modifying CTEs: each step of a message is one round trip.
-
-    A statement is atomic on its own, so the message path runs these without BEGIN/COMMIT
-    (storage/turns.py): storing the question, admitting the reservation and recording the turn
-    are each one statement, where a transaction of steps took five to seven round trips.
-    """
-
-    def __init__(self, dialect_insert: Any) -> None:
-        super().__init__(dialect_insert)
-        self.ask = self._ask()
-        self.admit_and_hold = self._admit_and_hold()
-        self.record_answer = self._record_turn(with_answer=True)
-        self.record_failure = self._record_turn(with_answer=False)
-
-    @staticmethod
-    def _ask() -> Any:
-        """The question stored (unless its update was stored before), the session touched, and
-        the session's history: rows (question id, history entry or NULLs), newest entry first.
-        No row: a redelivery, nothing written. The history cannot contain the new question:
-        every part of one statement reads the snapshot taken before it."""
-        question = (
-            postgresql.insert(messages).values(
-                session_id=bindparam("q_session"), user_id=bindparam("q_user"),
-                chat_id=bindparam("q_chat"), role="user", text=bindparam("q_text"),
-                status="pending", prompt_tokens=bindparam("q_tokens"), completion_tokens=0,
-                update_id=bindparam("q_update"), created_at=bindparam("now"),
-            )
-            .on_conflict_do_nothing(index_elements=["update_id"])
-            .returning(messages.c.id).cte("question")
-        )
-        touched = (
-            update(chat_sessions)
-            .where(chat_sessions.c.id == bindparam("q_session"), exists(select(question.c.id)))
-            .values(last_activity_at=bindparam("now")).returning(chat_sessions.c.id).cte("touched")
-        )
-        past = (
-            select(messages.c.id, messages.c.role, messages.c.text, messages.c.prompt_tokens,
-                   messages.c.completion_tokens)
-            .where(messages.c.session_id == bindparam("q_session"),
-                   messages.c.status.in_(ANSWERED_STATUSES))
-            .order_by(messages.c.id.desc()).limit(bindparam("limit")).subquery("past")
-        )
-        return (
-            select(question.c.id, past.c.role, past.c.text, past.c.prompt_tokens,
-                   past.c.completion_tokens)
-            .select_from(question.outerjoin(past, true()))
-            .order_by(past.c.id.desc())
-            .add_cte(touched)
-        )
-
-    def _admit_and_hold(self) -> Any:
-        """The admission UPDATE and the reservation row in one statement: both or neither."""
-        admitted = self.admit.cte("admitted")
-        held = select(
-            bindparam("reservation_id", type_=reservations.c.id.type),
-            bindparam("ledger_user", type_=reservations.c.user_id.type),
-            bindparam("today", type_=reservations.c.day.type),
-            bindparam("amount", type_=reservations.c.amount.type),
-            bindparam("now", type_=reservations.c.created_at.type),
-            bindparam("expires_at", type_=reservations.c.expires_at.type),
-        ).select_from(admitted)
-        hold = (
-            insert(reservations)
-            .from_select(["id", "user_id", "day", "amount", "created_at", "expires_at"], held)
-            .returning(reservations.c.id).cte("hold")
-        )
-        return select(admitted.c.used).add_cte(hold)
-
-    @staticmethod
-    def _record_turn(*, with_answer: bool) -> Any:
-        """The question's status, the settled reservation and the session's activity (and the
-        answer): the rows found as the question's, so 0 means it is gone.
-        The sub-statements touch different rows; the charge reads the claimed reservation
-        through RETURNING, as storage/core.py settle() does in two steps."""
-        question = (
-            update(messages).where(messages.c.id == bindparam("question_id"))
-            .values(status=bindparam("question_status")).returning(messages.c.id).cte("question")
-        )
-        claimed = (
-            delete(reservations).where(reservations.c.id == bindparam("reservation_id"))
-            .returning(reservations.c.user_id, reservations.c.day, reservations.c.amount)
-            .cte("claimed")
-        )
-        charged = (
-            update(usage_days)
-            .where(usage_days.c.user_id == claimed.c.user_id, usage_days.c.day == claimed.c.day)
-            .values(
-                reserved=usage_days.c.reserved - claimed.c.amount,
-                used=usage_days.c.used + bindparam("charge"),
-            )
-            .returning(usage_days.c.day).cte("charged")
-        )
-        touched = (
-            update(chat_sessions).where(chat_sessions.c.id == bindparam("touched_session"))
-            .values(last_activity_at=bindparam("now")).returning(chat_sessions.c.id).cte("touched")
-        )
-        writes = [claimed, charged, touched]
-        if with_answer:
-            writes.append(insert(messages).values(
-                session_id=bindparam("touched_session"), user_id=bindparam("answer_user"),
-                chat_id=bindparam("answer_chat"), role="assistant", text=bindparam("answer_text"),
-                status=bindparam("answer_status"), prompt_tokens=bindparam("answer_prompt"),
-                completion_tokens=bindparam("answer_completion"),
-                reply_to=bindparam("question_id"), created_at=bindparam("now"),
-            ).returning(messages.c.id).cte("answer"))
-        # add_cte: the writes run although the SELECT does not read them.
-        return select(func.count()).select_from(question).add_cte(*writes)
-
-
 # --- users and sessions -------------------------------------------------------------------
 
 
@@ -368,27 +253,16 @@ def ask_in_session(
     conn: Connection, *, session_id: int, user_id: int, chat_id: int, text: str,
     update_id: int | None, tokens: int, now: dt.datetime, history_limit: int,
 ) -> tuple[int, list[HistoryEntry]] | None:
-    """The question stored, the session touched and its history read in one statement where the
-    dialect can (PostgreSQL), in three otherwise: (question id, history oldest first), or None
-    when this update was stored before (nothing written)."""
-    sql = _sql(conn)
-    if not isinstance(sql, _PostgresStatements):
-        question_id = add_question(
-            conn, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
-            update_id=update_id, tokens=tokens, now=now,
-        )
-        if question_id is None:
-            return None
-        touch_session(conn, session_id, now)
-        return question_id, history(conn, session_id, history_limit, question_id)
-    rows = conn.execute(sql.ask, {
-        "q_session": session_id, "q_user": user_id, "q_chat": chat_id, "q_text": text,
-        "q_tokens": tokens, "q_update": update_id, "now": now, "limit": history_limit,
-    }).all()
-    if not rows:
+    """The question stored, the session touched and its history read: (question id, history
+    oldest first), or None when this update was stored before (nothing written)."""
+    question_id = add_question(
+        conn, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
+        update_id=update_id, tokens=tokens, now=now,
+    )
+    if question_id is None:
         return None
-    entries = [HistoryEntry(*row[1:]) for row in rows if row[1] is not None]
-    return rows[0][0], entries[::-1]
+    touch_session(conn, session_id, now)
+    return question_id, history(conn, session_id, history_limit, question_id)
 
 
 def add_answer(
@@ -434,19 +308,7 @@ def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
     """The answer (or the question marked failed), the real charge and the session's activity.
     False when the question is gone: the caller rolls back. An answer
     to a deleted question fails on its foreign keys (IntegrityError)."""
-    sql = _sql(conn)
     status = "complete" if turn.complete else "partial"
-    if isinstance(sql, _PostgresStatements):
-        found = conn.execute(sql.record_answer if turn.text else sql.record_failure, {
-            "question_id": turn.question_id,
-            "question_status": "answered" if turn.text else "failed",
-            "reservation_id": turn.reservation_id, "charge": turn.charged,
-            "touched_session": turn.session_id, "now": now,
-            "answer_user": turn.user_id, "answer_chat": turn.chat_id, "answer_text": turn.text,
-            "answer_status": status, "answer_prompt": turn.prompt_tokens,
-            "answer_completion": turn.completion_tokens,
-        }).scalar_one()
-        return found == 1
     if turn.text:
         add_answer(
             conn, question_id=turn.question_id, session_id=turn.session_id,
@@ -513,17 +375,12 @@ def reserve(
     reservation_id = str(uuid.uuid4())
     expires_at = now + dt.timedelta(seconds=ttl_seconds)
     ask = {"ledger_user": user_id, "today": today, "amount": amount, "limit": limit}
-    if isinstance(sql, _PostgresStatements):
-        admitted = conn.execute(sql.admit_and_hold, {
-            **ask, "reservation_id": reservation_id, "now": now, "expires_at": expires_at,
-        }).first()
-    else:
-        admitted = conn.execute(sql.admit, ask).first()
-        if admitted is not None:
-            conn.execute(sql.add_reservation, {
-                "id": reservation_id, "user_id": user_id, "day": today, "amount": amount,
-                "created_at": now, "expires_at": expires_at,
-            })
+    admitted = conn.execute(sql.admit, ask).first()
+    if admitted is not None:
+        conn.execute(sql.add_reservation, {
+            "id": reservation_id, "user_id": user_id, "day": today, "amount": amount,
+            "created_at": now, "expires_at": expires_at,
+        })
     if admitted is None:
         row = conn.execute(sql.day, {"user_id": user_id, "today": today}).one()
         return OverBudget(row.used, row.reserved, limit, next_reset(now))

@@ -14,7 +14,6 @@ from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -29,25 +28,21 @@ MIGRATION_LOCK_ID = 0x6465736B
 SQLITE_BUSY_TIMEOUT = 30.0
 
 
-def create_engine(url: str, *, sqlite_on_loop: bool = True) -> AsyncEngine:
+def create_engine(url: str) -> AsyncEngine:
     """An async engine tuned for the backend: WAL + foreign keys on SQLite, pre-ping on PostgreSQL.
 
-    SQLite statements run on the event loop's thread (storage/sqlite_inline.py explains why);
-    sqlite_on_loop=False keeps aiosqlite's worker thread, for comparison.
+    SQLite statements run on the event loop's thread (storage/sqlite_inline.py explains why).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database or ":memory:"
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if sqlite_on_loop:
-            from storage import sqlite_inline
+        from storage import sqlite_inline
 
-            engine = create_async_engine(url, async_creator=lambda: sqlite_inline.connect(
-                path, busy_timeout=SQLITE_BUSY_TIMEOUT
-            ))
-        else:
-            engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        engine = create_async_engine(url, async_creator=lambda: sqlite_inline.connect(
+            path, busy_timeout=SQLITE_BUSY_TIMEOUT
+        ))
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     engine = create_async_engine(url, pool_size=10, max_overflow=20)
@@ -96,17 +91,6 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
 
 def session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-def each_statement_commits(session: Session) -> Connection:
-    """The session's connection; on PostgreSQL, without a transaction: each statement commits.
-
-    For work whose statements are each complete on their own (storage/turns.py): on
-    PostgreSQL a transaction costs a round trip to open (BEGIN) and one to commit. Call before
-    the session's first statement; its commit() then ends the connection's use."""
-    if session.get_bind().dialect.name == "postgresql":
-        return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    return session.connection()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

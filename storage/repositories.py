@@ -6,13 +6,12 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from storage import core
 from storage.core import OverBudget, Reserved
-from storage.db import each_statement_commits
 from storage.models import (
     ChatSession,
     InboxUpdate,
@@ -29,6 +28,11 @@ __all__ = ["Budget", "Inbox", "Memories", "Messages", "OverBudget", "Reserved", 
            "Traces", "Users", "next_reset", "utc_day"]
 
 T = TypeVar("T")
+
+
+async def ping(db: AsyncSession) -> None:
+    """One round trip to the database (the readiness probe); raises when it cannot answer."""
+    await db.execute(text("SELECT 1"))
 
 
 def utc_day(now: dt.datetime | None = None) -> dt.date:
@@ -77,10 +81,6 @@ class Users:
             update(User).where(User.id == user_id).values(instructions=instructions)
         )
 
-    async def set_language(self, user_id: int, language: str) -> None:
-        await self.db.execute(
-            update(User).where(User.id == user_id).values(language=language[:16])
-        )
 
 
 # A session whose memory may still be made: open, or closed and waiting for its summary.
@@ -114,14 +114,6 @@ class Sessions:
         session = await self.db.get(ChatSession, row.id)
         assert session is not None
         return session
-
-    async def touch(self, session_id: int, now: dt.datetime | None = None) -> None:
-        await _on_connection(self.db, lambda c: core.touch_session(c, session_id, now or utcnow()))
-
-    async def set_title(self, session_id: int, title: str) -> None:
-        await self.db.execute(
-            update(ChatSession).where(ChatSession.id == session_id).values(title=title)
-        )
 
     async def close(
         self, session_id: int, *, summary: str | None, reason: str, title: str | None = None,
@@ -186,16 +178,6 @@ class Messages:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def add_user_message(
-        self, *, session_id: int, user_id: int, chat_id: int, text: str,
-        update_id: int | None, tokens: int,
-    ) -> int | None:
-        """Store the user's message before anything else; its id, or None when the update was seen before."""
-        return await _on_connection(self.db, lambda c: core.add_question(
-            c, session_id=session_id, user_id=user_id, chat_id=chat_id, text=text,
-            update_id=update_id, tokens=tokens, now=utcnow(),
-        ))
-
     async def answer_to(self, question_id: int) -> Message | None:
         stmt = select(Message).where(Message.reply_to == question_id, Message.role == "assistant")
         return (await self.db.execute(stmt.order_by(Message.id).limit(1))).scalar_one_or_none()
@@ -204,20 +186,6 @@ class Messages:
         stmt = select(Message).where(Message.update_id == update_id)
         return (await self.db.execute(stmt)).scalar_one_or_none()
 
-    async def add_answer(
-        self, *, question_id: int, session_id: int, user_id: int, chat_id: int, text: str,
-        status: str, prompt_tokens: int, completion_tokens: int,
-    ) -> None:
-        """The answer, and the question marked answered (storage/core.py add_answer)."""
-        await _on_connection(self.db, lambda c: core.add_answer(
-            c, question_id=question_id, session_id=session_id, user_id=user_id, chat_id=chat_id,
-            text=text, status=status, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, now=utcnow(),
-        ))
-
-    async def set_status(self, message_id: int, status: str) -> bool:
-        """False when the message is gone (deleted with its user)."""
-        return await _on_connection(self.db, lambda c: core.set_status(c, message_id, status))
 
     async def history(self, session_id: int, limit: int, before_id: int) -> list[core.HistoryEntry]:
         """The latest answered exchanges of a session before a message, oldest first."""
@@ -232,13 +200,20 @@ class Messages:
             select(func.count()).select_from(Message).where(Message.session_id == session_id)
         ) or 0)
 
-    async def pending_since(self, cutoff: dt.datetime) -> list[Message]:
-        stmt = (
-            select(Message)
-            .where(Message.role == "user", Message.status == "pending", Message.created_at >= cutoff)
-            .order_by(Message.id)
-        )
-        return list((await self.db.execute(stmt)).scalars())
+    async def purge_closed_before(self, cutoff: dt.datetime, sessions: int) -> int | None:
+        """Delete the messages of up to `sessions` sessions closed before `cutoff`: how many
+        messages went, or None when no such session has any left."""
+        batch = list((await self.db.execute(
+            select(Message.session_id)
+            .join(ChatSession, ChatSession.id == Message.session_id)
+            .where(ChatSession.status == "closed", ChatSession.ended_at < cutoff)
+            .distinct()
+            .limit(sessions)
+        )).scalars())
+        if not batch:
+            return None
+        result = await self.db.execute(delete(Message).where(Message.session_id.in_(batch)))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 class Budget:
@@ -248,25 +223,13 @@ class Budget:
         self.db = db
 
     async def reserve(
-        self, user_id: int, amount: int, limit: int, *, ttl_seconds: int,
-        now: dt.datetime | None = None, day_exists: bool = False,
+        self, user_id: int, amount: int, limit: int, *, ttl_seconds: int
     ) -> Reserved | OverBudget:
-        """Admit `amount` tokens or refuse (storage/core.py reserve)."""
+        """Admit `amount` tokens or refuse (storage/core.py reserve): calls outside a message's
+        turn (summaries); a message reserves in its own transaction (storage/turns.py)."""
         return await _on_connection(self.db, lambda c: core.reserve(
-            c, user_id, amount, limit, ttl_seconds=ttl_seconds, now=now or utcnow(),
-            day_exists=day_exists,
+            c, user_id, amount, limit, ttl_seconds=ttl_seconds, now=utcnow()
         ))
-
-    async def remaining(self, user_id: int, limit: int, now: dt.datetime | None = None) -> int:
-        return (await self.left_today(user_id, limit, now))[0]
-
-    async def left_today(
-        self, user_id: int, limit: int, now: dt.datetime | None = None
-    ) -> tuple[int, bool]:
-        """(tokens left today, whether today's row exists). A hint for sizing, not admission."""
-        return await _on_connection(
-            self.db, lambda c: core.left_today(c, user_id, limit, now or utcnow())
-        )
 
     async def settle(self, reservation_id: str, actual: int | None) -> int | None:
         """Replace a reservation by the real usage; idempotent (storage/core.py settle)."""
@@ -325,6 +288,11 @@ class Memories:
         )
         return [(row.id, row.chat_id, row.embedding) for row in await self.db.execute(stmt)]
 
+    async def user_ids(self) -> list[int]:
+        """Every user who has a memory, in id order."""
+        rows = await self.db.scalars(select(MemoryRecord.user_id).distinct())
+        return sorted(int(user_id) for user_id in rows)
+
     async def count(self, user_id: int) -> int:
         return int(await self.db.scalar(
             select(func.count()).select_from(MemoryRecord).where(MemoryRecord.user_id == user_id)
@@ -342,6 +310,16 @@ class Traces:
     def add(self, trace: Trace) -> None:
         self.db.add(trace)
 
+    async def add_for_living(self, rows: list[dict[str, Any]]) -> int:
+        """Insert trace rows whose user still exists (one deleted meanwhile leaves none behind);
+        how many were written."""
+        users = {row["user_id"] for row in rows}
+        alive = set((await self.db.scalars(select(User.id).where(User.id.in_(users)))).all())
+        kept = [row for row in rows if row["user_id"] in alive]
+        if kept:
+            await self.db.execute(insert(Trace), kept)
+        return len(kept)
+
     async def recent(self, limit: int = 20) -> list[Trace]:
         stmt = select(Trace).order_by(Trace.started_at.desc()).limit(limit)
         return list((await self.db.execute(stmt)).scalars())
@@ -358,19 +336,10 @@ class Inbox:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def store(self, update_id: int, user_id: int | None, chat_id: int | None, payload: str) -> bool:
-        """True the first time an update id is seen; a redelivery stores nothing and says False."""
-        return await _on_connection(self.db, lambda c: core.store_update(
-            c, update_id, user_id, chat_id, payload, utcnow()
-        ))
-
     async def store_each(self, updates: list[tuple[int, int | None, int | None, str]]) -> list[bool]:
-        """Store (update id, user, chat, payload) each; True for those seen for the first time.
-
-        Each insert is complete on its own (a redelivery is recognised by its id), so on
-        PostgreSQL they run without BEGIN/COMMIT round trips; call on a fresh session."""
+        """Store (update id, user, chat, payload) each; True for those seen for the first time."""
         def run(session: Session) -> list[bool]:
-            conn = each_statement_commits(session)
+            conn = session.connection()
             now = utcnow()
             return [core.store_update(conn, *update, now) for update in updates]
 

@@ -23,11 +23,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# None: autocommit (SQLAlchemy's AUTOCOMMIT); otherwise how an implicit BEGIN begins.
+IsolationLevel = Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None
 
 SQLITE_BUSY = 5
 SQLITE_BUSY_SNAPSHOT = 517  # the snapshot is stale: only a new transaction helps, not waiting
@@ -187,11 +189,11 @@ class Connection:
         return self._conn.in_transaction
 
     @property
-    def isolation_level(self) -> str | None:
+    def isolation_level(self) -> IsolationLevel:
         return self._conn.isolation_level
 
     @isolation_level.setter
-    def isolation_level(self, value: str | None) -> None:
+    def isolation_level(self, value: IsolationLevel) -> None:
         self._conn.isolation_level = value
 
 
@@ -244,7 +246,7 @@ async def connect(path: str, *, busy_timeout: float = 30.0) -> Connection:
     """A connection whose statements run on the calling (event loop) thread."""
     in_memory = path == ":memory:" or path.startswith("file::memory:")
     # timeout=0 is SQLite's busy timeout: a held lock fails at once, and _until_unlocked waits.
-    connection = sqlite3.connect(path, timeout=0, check_same_thread=False, isolation_level="")
+    connection = sqlite3.connect(path, timeout=0, check_same_thread=False, isolation_level="DEFERRED")
     if in_memory:
         return Connection(connection, busy_timeout, None)
     try:

@@ -1,11 +1,8 @@
-"""The message path's three steps, each one `run_sync` call: store, reserve, persist.
+"""The message path's three steps, each one transaction in one `run_sync` call: store the
+question, reserve the budget, persist the turn.
 
 Each runs storage/core.py statements back to back on one connection and commits, so a message
 crosses into SQLAlchemy's greenlet three times in all, not once per statement.
-
-On PostgreSQL each step is one or two statements, each atomic on its own (storage/core.py
-_PostgresStatements), and they run without BEGIN/COMMIT: a transaction there is a round trip to
-open and one to commit, with nothing to make atomic that the statement does not already.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from storage import core
 from storage.core import HistoryEntry, OverBudget, Reserved, TurnRecord
-from storage.db import each_statement_commits
 from storage.models import utcnow
 
 
@@ -51,7 +47,7 @@ def _store_question(
 ) -> StoredQuestion | None:
     now = utcnow()
     # The usual case, a known user in an open session: one read, then one write.
-    conn = each_statement_commits(session)
+    conn = session.connection()
     known = core.user_and_session(conn, new.user_id, new.chat_id)
     if known is not None and known.session_id is not None:
         asked = core.ask_in_session(
@@ -115,18 +111,19 @@ class BudgetAsk:
 
 
 async def reserve(
-    db: AsyncSession, ask: BudgetAsk, size: Callable[[int], tuple[int, int]]
+    db: AsyncSession, ask: BudgetAsk, size: Callable[[int], tuple[int, int]],
+    now: dt.datetime | None = None,
 ) -> tuple[Reserved | OverBudget, int]:
     """Reserve what size(tokens left today) asks for -> (amount, max_tokens); a refusal marks
-    the question refused. Returns the outcome and max_tokens."""
+    the question refused. Returns the outcome and max_tokens. `now`: the clock (tests)."""
 
     def run(session: Session) -> tuple[Reserved | OverBudget, int]:
-        conn = each_statement_commits(session)
-        now = utcnow()
-        remaining, day_exists = core.left_today(conn, ask.user_id, ask.limit, now)
+        conn = session.connection()
+        at = now or utcnow()
+        remaining, day_exists = core.left_today(conn, ask.user_id, ask.limit, at)
         amount, max_tokens = size(remaining)
         outcome = core.reserve(
-            conn, ask.user_id, amount, ask.limit, ttl_seconds=ask.ttl_seconds, now=now,
+            conn, ask.user_id, amount, ask.limit, ttl_seconds=ask.ttl_seconds, now=at,
             day_exists=day_exists,
         )
         if isinstance(outcome, OverBudget):
@@ -142,7 +139,7 @@ async def persist(db: AsyncSession, turn: TurnRecord) -> bool:
     written) when the question is gone; an answer to a deleted question raises IntegrityError."""
 
     def run(session: Session) -> bool:
-        if not core.record_turn(each_statement_commits(session), turn, utcnow()):
+        if not core.record_turn(session.connection(), turn, utcnow()):
             session.rollback()
             return False
         session.commit()

@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from storage.db import create_engine, migrate, session_maker
 from storage.models import Reservation, UsageDay
 from storage.repositories import Budget, OverBudget, Reserved, Users, utc_day
+from tests.seeding import reserve
 
 # Every machine (and every concurrency example) gets users nobody else has: the PostgreSQL
 # database is shared by the whole run and is not emptied between examples.
@@ -140,8 +141,8 @@ def ledger_machine(url: str) -> type[RuleBasedStateMachine]:
 
             async def go() -> Reserved | OverBudget:
                 async with self.sessions() as db:
-                    outcome = await Budget(db).reserve(
-                        self.user, amount, self.limit, ttl_seconds=ttl, now=self.clock
+                    outcome = await reserve(
+                        db, self.user, amount, self.limit, ttl_seconds=ttl, now=self.clock
                     )
                     await db.commit()
                     return outcome
@@ -334,13 +335,11 @@ async def test_concurrent_reservations_never_admit_more_than_the_limit(
             assert await Budget(db).charge_if_room(user, already, limit, keep=0, now=now)
             await db.commit()
 
-    async def reserve(amount: int) -> Reserved | OverBudget:
+    async def one(amount: int) -> Reserved | OverBudget:
         async with sessions() as db:
-            outcome = await Budget(db).reserve(user, amount, limit, ttl_seconds=600, now=now)
-            await db.commit()
-            return outcome
+            return await reserve(db, user, amount, limit, ttl_seconds=600, now=now)
 
-    outcomes = await asyncio.gather(*(reserve(a) for a in amounts))
+    outcomes = await asyncio.gather(*(one(a) for a in amounts))
     admitted = sum(o.amount for o in outcomes if isinstance(o, Reserved))
     assert already + admitted <= limit
     # Reservations only grow here, so one refused then would still be refused now.

@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.data_rights import USER_TABLES, delete_user, export_user, uncovered_tables
 from storage.models import Base, InboxUpdate, utcnow
-from storage.repositories import Budget, Inbox, Messages, Sessions, Users
+from storage.repositories import Inbox, Sessions, Users
+from tests.seeding import ask, reserve
 
 
 def test_every_table_naming_a_user_is_exported_and_deleted() -> None:
@@ -38,13 +39,12 @@ async def _seed(sessions: async_sessionmaker[AsyncSession], user_id: int) -> Non
     async with sessions() as db:
         await Users(db).ensure(user_id, "en")
         session = await Sessions(db).open(user_id, user_id, "coder", f"title {user_id}")
-        question = await Messages(db).add_user_message(
-            session_id=session.id, user_id=user_id, chat_id=user_id, text=f"question {user_id}",
-            update_id=user_id * 10, tokens=3,
-        )
+        await db.commit()
+        question = await ask(db, user_id, f"question {user_id}", update_id=user_id * 10, tokens=3)
         assert question is not None
-        await Budget(db).reserve(user_id, 50, 1_000, ttl_seconds=600, now=now)
-        await Inbox(db).store(user_id * 10 + 1, user_id, user_id, f'{{"text": "waiting {user_id}"}}')
+        await reserve(db, user_id, 50, 1_000, ttl_seconds=600, now=now)
+        waiting = f'{{"text": "waiting {user_id}"}}'
+        await Inbox(db).store_each([(user_id * 10 + 1, user_id, user_id, waiting)])
         await db.commit()
     from memory.base import MemoryItem
     from memory.local import LocalMemory

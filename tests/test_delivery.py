@@ -13,8 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import InboxUpdate, Message, Reservation, UsageDay, utcnow
-from storage.repositories import Budget, Inbox, Messages, Sessions, Users
+from storage.repositories import Inbox, Sessions, Users
 from tests.fakes.openai import FakeOpenAI
+from tests.seeding import ask, reserve
 
 
 def text_update(update_id: int, user_id: int, text: str, message_id: int = 1) -> dict[str, Any]:
@@ -60,13 +61,10 @@ async def test_a_message_left_unanswered_by_a_crash_is_answered_after_restart(
     update = text_update(800, 22, "answer me despite the crash")
     async with sessions() as db:
         await Users(db).ensure(22, "en")
-        chat = await Sessions(db).open(22, 22, "personal_assistant", None)
-        await Messages(db).add_user_message(
-            session_id=chat.id, user_id=22, chat_id=22, text="answer me despite the crash",
-            update_id=800, tokens=8,
-        )
-        await Inbox(db).store(800, 22, 22, json.dumps(update))
-        await Budget(db).reserve(22, 1500, 100_000, ttl_seconds=600)
+        await Sessions(db).open(22, 22, "personal_assistant", None)
+        await ask(db, 22, "answer me despite the crash", update_id=800, tokens=8)
+        await Inbox(db).store_each([(800, 22, 22, json.dumps(update))])
+        await reserve(db, 22, 1500, 100_000, ttl_seconds=600)
         await db.commit()
     fake_openai.reply = "recovered answer"
     async with start_bot() as h:  # the restart
@@ -87,7 +85,7 @@ async def test_too_old_unprocessed_messages_are_not_dropped_silently(
     start_bot: Callable[..., Any], fake_openai: FakeOpenAI, sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     async with sessions() as db:
-        await Inbox(db).store(900, 23, 23, json.dumps(text_update(900, 23, "an old message")))
+        await Inbox(db).store_each([(900, 23, 23, json.dumps(text_update(900, 23, "an old message")))])
         await db.execute(
             InboxUpdate.__table__.update().values(received_at=utcnow() - dt.timedelta(hours=5))
         )

@@ -32,9 +32,10 @@ from ops.jobs import (
     sweep_reservations,
 )
 from storage.models import ChatSession, MemoryRecord, Message, Reservation, UsageDay, utcnow
-from storage.repositories import Budget, Sessions, Users
+from storage.repositories import Sessions, Users
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.pinecone import FakePinecone
+from tests.seeding import last_active, reserve
 from tests.test_graph import say
 
 SUMMARY = (
@@ -64,8 +65,7 @@ async def test_idle_sessions_are_summarised_and_closed_fresh_ones_stay_open(
     await say(agent, 2, "fresh conversation")
     idle = await session_of(sessions, 1)
     async with sessions() as db:  # user 1 went quiet three hours ago
-        await Sessions(db).touch(idle.id, now=utcnow() - dt.timedelta(hours=3))
-        await db.commit()
+        await last_active(db, idle.id, utcnow() - dt.timedelta(hours=3))
 
     assert await end_idle_sessions(agent) == 1
 
@@ -103,8 +103,7 @@ async def test_a_session_that_woke_up_after_the_query_is_left_open(
     ) -> list[ChatSession]:
         found = await query(self, cutoff, limit)
         async with sessions() as db:  # the user writes again right after the job's query
-            await Sessions(db).touch(session.id, now=now)
-            await db.commit()
+            await last_active(db, session.id, now)
         return found
 
     monkeypatch.setattr(Sessions, "idle_since", then_a_message_arrives)
@@ -119,8 +118,8 @@ async def test_the_sweeper_settles_an_expired_reservation_once(
     past = utcnow() - dt.timedelta(hours=1)
     async with sessions() as db:
         await Users(db).ensure(4, "en")
-        live = await Budget(db).reserve(4, 300, 10_000, ttl_seconds=3600)
-        stale = await Budget(db).reserve(4, 500, 10_000, ttl_seconds=60, now=past)
+        live = await reserve(db, 4, 300, 10_000, ttl_seconds=3600)
+        stale = await reserve(db, 4, 500, 10_000, ttl_seconds=60, now=past)
         await db.commit()
 
     assert await sweep_reservations(agent) == 1
@@ -242,9 +241,7 @@ async def test_a_failing_job_is_logged_by_class_and_the_scheduler_keeps_running(
 
     async with sessions() as db:
         await Users(db).ensure(7, "en")
-        await Budget(db).reserve(
-            7, 400, 10_000, ttl_seconds=60, now=utcnow() - dt.timedelta(hours=1)
-        )
+        await reserve(db, 7, 400, 10_000, ttl_seconds=60, now=utcnow() - dt.timedelta(hours=1))
         await db.commit()
     scheduler = build_scheduler(agent)
     scheduler.add_job(run_guarded, "interval", seconds=0.05, args=("broken", broken, "canary-4411"),

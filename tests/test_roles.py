@@ -159,16 +159,31 @@ BROKEN = {
     "unclosed": ("---\ntitle: X\nPrompt.\n", "not closed"),
     "empty_prompt": ("---\ntitle: X\n---\n   \n", "system prompt"),
     "no_title": ("---\ntemperature: 0.1\n---\nPrompt.\n", "title is required"),
-    "no_en_title": ("---\ntitle: {ru: Икс}\n---\nPrompt.\n", "title needs an English text"),
-    "hot": ("---\ntitle: X\ntemperature: 2.5\n---\nPrompt.\n", "temperature must be"),
-    "text_temperature": ("---\ntitle: X\ntemperature: warm\n---\nPrompt.\n", "temperature must be"),
+    "no_en_title": ("---\ntitle: {ru: Икс}\n---\nPrompt.\n", "title: needs an English text"),
+    "hot": (
+        "---\ntitle: X\ntemperature: 2.5\n---\nPrompt.\n",
+        "temperature: Input should be less than or equal to 2",
+    ),
+    "text_temperature": (
+        "---\ntitle: X\ntemperature: warm\n---\nPrompt.\n",
+        "temperature: Input should be a valid number",
+    ),
     "zero_tokens": ("---\ntitle: X\nmax_output_tokens: 0\n---\nPrompt.\n", "max_output_tokens"),
     "huge_tokens": ("---\ntitle: X\nmax_output_tokens: 32001\n---\nPrompt.\n", "max_output_tokens"),
     "float_tokens": ("---\ntitle: X\nmax_output_tokens: 10.5\n---\nPrompt.\n", "max_output_tokens"),
-    "typo": ("---\ntitle: X\ntemprature: 0.1\n---\nPrompt.\n", "unknown field(s): 'temprature'"),
+    "typo": ("---\ntitle: X\ntemprature: 0.1\n---\nPrompt.\n", "unknown field 'temprature'"),
     "list_meta": ("---\n- a\n- b\n---\nPrompt.\n", "must be a YAML mapping"),
-    "bad_model": ("---\ntitle: X\nmodel: 5\n---\nPrompt.\n", "model must be"),
+    "bad_model": ("---\ntitle: X\nmodel: 5\n---\nPrompt.\n", "model: Input should be a valid string"),
     "Bad-Name": ("---\ntitle: X\n---\nPrompt.\n", "file name must be a role id"),
+    "bool_temperature": (
+        "---\ntitle: X\ntemperature: yes\n---\nPrompt.\n",
+        "temperature: Input should be a valid number",
+    ),
+    "german_title": ("---\ntitle: {en: X, de: Y}\n---\nPrompt.\n", "title.de"),
+    "long_button": (
+        "---\ntitle: X\nbutton: " + "b" * 65 + "\n---\nPrompt.\n",
+        "button.en: String should have at most 64 characters",
+    ),
 }
 
 
@@ -215,7 +230,7 @@ def test_summarizer_missing_or_broken_is_a_clear_error(prompts: Path) -> None:
         registry.summarizer()
     assert any("summarizer.md: missing" in e for e in registry.errors())
     write(path, "---\ntitle: S\ntemperature: 9\n---\nSummarise.\n")
-    with pytest.raises(RoleError, match="temperature must be"):
+    with pytest.raises(RoleError, match="temperature: Input should be"):
         registry.summarizer()
     assert [r.id for r in registry.roles()] == list(BUILT_IN)
 

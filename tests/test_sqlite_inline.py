@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage import sqlite_inline
 from storage.db import create_engine
@@ -101,8 +102,9 @@ async def test_engine_results_match_the_worker_thread_driver(tmp_path: Path) -> 
     """Same rows, types and errors through both drivers."""
     outcomes = []
     for on_loop in (True, False):
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / f'same-{on_loop}.db'}",
-                               sqlite_on_loop=on_loop)
+        url = f"sqlite+aiosqlite:///{tmp_path / f'same-{on_loop}.db'}"
+        # The plain aiosqlite engine (its worker thread) as the reference.
+        engine = create_engine(url) if on_loop else create_async_engine(url)
         try:
             async with engine.begin() as conn:
                 await conn.execute(text("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, b BLOB)"))

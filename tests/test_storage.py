@@ -19,6 +19,7 @@ from storage.core import TurnRecord
 from storage.data_rights import delete_user, export_user
 from storage.repositories import Budget, Inbox, Messages, OverBudget, Reserved, Sessions, Users
 from storage.rotation import rotate_all
+from tests.seeding import answer, ask, reserve
 
 CANARY = "canary-7f3a the launch code is tangerine"
 
@@ -27,16 +28,10 @@ async def _seed_conversation(sessions: async_sessionmaker[AsyncSession], user_id
     async with sessions() as db:
         await Users(db).ensure(user_id, "en")
         chat = await Sessions(db).open(user_id, user_id, "coder", title=f"{CANARY} title")
-        question = await Messages(db).add_user_message(
-            session_id=chat.id, user_id=user_id, chat_id=user_id, text=CANARY,
-            update_id=user_id * 10, tokens=5,
-        )
-        assert question is not None
-        await Messages(db).add_answer(
-            question_id=question, session_id=chat.id, user_id=user_id, chat_id=user_id,
-            text=f"answer to {CANARY}", status="complete", prompt_tokens=10, completion_tokens=4,
-        )
         await db.commit()
+        question = await ask(db, user_id, CANARY, update_id=user_id * 10)
+        assert question is not None
+        await answer(db, question, user_id, f"answer to {CANARY}")
         return chat.id
 
 
@@ -75,11 +70,7 @@ async def test_redelivered_update_is_not_stored_twice(
     async with sessions() as db:
         chat = await Sessions(db).open_for(5, 5)
         assert chat is not None
-        again = await Messages(db).add_user_message(
-            session_id=chat.id, user_id=5, chat_id=5, text="dup", update_id=50, tokens=1
-        )
-        await db.commit()
-        assert again is None
+        assert await ask(db, 5, "dup", update_id=50) is None
         assert len(await Messages(db).for_session(chat.id)) == 2
 
 
@@ -87,9 +78,9 @@ async def test_inbox_is_first_wins_and_forgets_the_text(
     sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine
 ) -> None:
     async with sessions() as db:
-        assert await Inbox(db).store(2**40, 1, 1, f'{{"text": "{CANARY}"}}') is True
-        assert await Inbox(db).store(2**40, 1, 1, "again") is False
-        assert await Inbox(db).store(17, 1, 1, "{}") is True  # a lower, reseeded id is still new
+        assert await Inbox(db).store_each([(2**40, 1, 1, f'{{"text": "{CANARY}"}}')]) == [True]
+        assert await Inbox(db).store_each([(2**40, 1, 1, "again")]) == [False]
+        assert await Inbox(db).store_each([(17, 1, 1, "{}")]) == [True]  # a lower, reseeded id is still new
         await db.commit()
         assert [u.update_id for u in await Inbox(db).unprocessed()] == [2**40, 17]
         assert CANARY in ((await Inbox(db).unprocessed())[0].payload or "")
@@ -100,7 +91,7 @@ async def test_inbox_is_first_wins_and_forgets_the_text(
         await Inbox(db).mark_done(2**40)
         await db.commit()
         assert [u.update_id for u in await Inbox(db).unprocessed()] == [17]
-        assert await Inbox(db).store(2**40, 1, 1, "redelivered") is False
+        assert await Inbox(db).store_each([(2**40, 1, 1, "redelivered")]) == [False]
 
 
 async def test_message_text_is_not_stored_in_plain_form(
@@ -185,13 +176,11 @@ async def test_budget_reservations_never_exceed_limit_under_concurrency(
         await Users(db).ensure(3, "en")
         await db.commit()
 
-    async def reserve() -> Reserved | OverBudget:
+    async def one() -> Reserved | OverBudget:
         async with sessions() as db:
-            outcome = await Budget(db).reserve(3, 300, 1000, ttl_seconds=60)
-            await db.commit()
-            return outcome
+            return await reserve(db, 3, 300, 1000, ttl_seconds=60)
 
-    outcomes = await asyncio.gather(*(reserve() for _ in range(12)))
+    outcomes = await asyncio.gather(*(one() for _ in range(12)))
     admitted = [o for o in outcomes if isinstance(o, Reserved)]
     assert len(admitted) == 3
     async with sessions() as db:
@@ -212,7 +201,7 @@ async def test_expired_reservations_are_found(sessions: async_sessionmaker[Async
     past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     async with sessions() as db:
         await Users(db).ensure(4, "en")
-        outcome = await Budget(db).reserve(4, 10, 100, ttl_seconds=60, now=past)
+        outcome = await reserve(db, 4, 10, 100, ttl_seconds=60, now=past)
         await db.commit()
         assert isinstance(outcome, Reserved)
         assert await Budget(db).expired() == [outcome.id]
@@ -326,36 +315,3 @@ async def test_the_message_path_stores_a_conversation_and_reads_its_history(
     ]
     assert day is not None and (day.used, day.reserved) == (80, 0)
 
-
-async def test_on_postgresql_the_message_path_opens_no_transaction(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """BEGIN and COMMIT are a round trip each: the known user's message path needs neither."""
-    import asyncpg.transaction
-
-    from storage.db import create_engine, session_maker
-
-    begun: list[str] = []
-    start = asyncpg.transaction.Transaction.start
-
-    async def counted_start(self: Any) -> None:
-        begun.append("BEGIN")
-        await start(self)
-
-    engine = create_engine(pg_url)
-    sessions = session_maker(engine)
-    try:
-        async with sessions() as db:
-            first = await turns.store_question(db, _question(6, 601, "hello"), lambda r: "coder")
-        assert first is not None
-        monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted_start)
-        async with sessions() as db:
-            second = await turns.store_question(db, _question(6, 602, "again"), lambda r: "coder")
-        assert second is not None
-        await _answer(sessions, second, 6, 602, "an answer")
-        async with sessions() as db:
-            assert await Inbox(db).store_each([(603, 6, 6, "{}")]) == [True]
-            await db.commit()
-    finally:
-        await engine.dispose()
-    assert begun == []
