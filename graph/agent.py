@@ -80,15 +80,48 @@ class SessionEnd:
 
 
 @dataclass(frozen=True)
+class UserView:
+    """What front ends show of a user (a copy: never a live database row)."""
+
+    id: int
+    role: str | None
+    instructions: str | None
+    language: str | None
+    private_data_in_groups: bool
+
+    @classmethod
+    def of(cls, user: User) -> UserView:
+        return cls(user.id, user.role, user.instructions, user.language, user.private_data_in_groups)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What front ends show of a session (a copy: never a live database row)."""
+
+    id: int
+    role: str
+    title: str | None
+    summary: str | None
+    status: str  # open | closed | summary_due
+    started_at: dt.datetime
+
+    @classmethod
+    def of(cls, session: ChatSession) -> SessionView:
+        return cls(session.id, session.role, session.title, session.summary, session.status,
+                   session.started_at)
+
+
+@dataclass(frozen=True)
 class Profile:
-    user: User
+    user: UserView
     role: Role
 
 
 class TurnRun:
-    """One run of the turn graph, read through LangGraph's stream (custom + values).
+    """One run of the turn graph, read through LangGraph's stream (custom + updates).
 
-    The run reads the stream in its own task. Deltas are handed to the front end in batches:
+    The run reads the stream in its own task. The state is what the nodes wrote, merged in
+    order (no channel of TurnState has a reducer), so nothing copies the whole state per step. Deltas are handed to the front end in batches:
     it takes all that arrived since it last looked in one piece, so a fast stream costs a few
     wake-ups, not one per token, and a slow one still shows each token as it comes. The latest
     state is kept, so a run cancelled midway can settle what it reserved.
@@ -104,10 +137,11 @@ class TurnRun:
 
     async def _read(self, graph: Any, text: str, context: TurnContext) -> None:
         async for mode, chunk in graph.astream(
-            {"text": text}, context=context, stream_mode=["custom", "values"]
+            {"text": text}, context=context, stream_mode=["custom", "updates"]
         ):
-            if mode == "values":
-                self.state = chunk
+            if mode == "updates":
+                for written in chunk.values():
+                    self.state.update(written or {})
             elif chunk is MODEL_STARTED:
                 self.model_started = True
             else:
@@ -148,7 +182,6 @@ class Agent:
         self.summary_graph = build_summary_graph().compile()
         self.traces = TraceLog(services.sessions)
         # Messages of one chat are answered in arrival order; other chats do not wait.
-        self._chat_locks: dict[int, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
         """At shutdown: the last traces are written, the provider's connections closed."""
@@ -161,7 +194,7 @@ class Agent:
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
             await db.commit()
-        return Profile(user, self.role_for(user.role))
+        return Profile(UserView.of(user), self.role_for(user.role))
 
     def role_for(self, role_id: str | None) -> Role:
         roles = self.services.roles
@@ -200,18 +233,9 @@ class Agent:
         self, *, user_id: int, chat_id: int, text: str, update_id: int | None,
         language: str | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        lock = self._chat_locks.setdefault(chat_id, asyncio.Lock())
-        async with lock:
-            try:
-                async for event in self._turn(user_id, chat_id, text, update_id, language):
-                    yield event
-            finally:
-                if not lock._waiters:  # keep the dict small
-                    self._chat_locks.pop(chat_id, None)
-
-    async def _turn(
-        self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
-    ) -> AsyncIterator[TurnEvent]:
+        """Answer one message, as events. The front end hands over one message of a chat at a
+        time, in order (handlers/delivery.py: in-process, or across a fleet by a Redis lock;
+        the console is one user typing), so the history a turn reads is the one before it."""
         stored = await self._store_question(user_id, chat_id, text, update_id, language)
         if isinstance(stored, Answer):
             yield stored  # answered before, but its delivery never finished: deliver it now
@@ -342,23 +366,32 @@ class Agent:
 
     async def start_session(
         self, user_id: int, chat_id: int, title: str | None, language: str | None = None
-    ) -> tuple[SessionEnd | None, ChatSession]:
+    ) -> tuple[SessionEnd | None, SessionView]:
         """End the open session (with its summary), then open a new one."""
         ended = await self.end_session(user_id, chat_id, reason="new_session")
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
             session = await Sessions(db).open(user_id, chat_id, self.role_for(user.role).id, title)
             await db.commit()
-        return ended, session
+        return ended, SessionView.of(session)
 
     async def end_session(self, user_id: int, chat_id: int, reason: str = "command") -> SessionEnd | None:
         async with self.services.sessions() as db:
             session = await Sessions(db).open_for(user_id, chat_id)
         if session is None:
             return None
-        return await self.summarise_session(session, reason)
+        return await self._summarise(session, reason)
 
-    async def summarise_session(self, session: ChatSession, reason: str) -> SessionEnd:
+    async def end_if_idle(self, user_id: int, session_id: int, cutoff: dt.datetime) -> SessionEnd | None:
+        """Summarise and close the session if it is still open and quiet since `cutoff` (a
+        message may have arrived since it was found idle); None when it is not."""
+        async with self.services.sessions() as db:
+            session = await Sessions(db).get(user_id, session_id)
+        if session is None or session.status != "open" or session.last_activity_at >= cutoff:
+            return None
+        return await self._summarise(session, "idle")
+
+    async def _summarise(self, session: ChatSession, reason: str) -> SessionEnd:
         trace = RunTrace("summarise", session.user_id, session.id)
         context = SummaryContext(
             services=self.services, user_id=session.user_id, session_id=session.id,
@@ -378,19 +411,22 @@ class Agent:
             due = await Sessions(db).summaries_due(now or utcnow())
         made = 0
         for session in due:
-            ended = await self.summarise_session(session, session.end_reason or "command")
+            ended = await self._summarise(session, session.end_reason or "command")
             made += ended.outcome == "summarised"
         return made
 
     async def list_sessions(
         self, user_id: int, offset: int, limit: int
-    ) -> tuple[list[ChatSession], int]:
+    ) -> tuple[list[SessionView], int]:
         async with self.services.sessions() as db:
-            return await Sessions(db).list_for(user_id, offset, limit)
+            found, total = await Sessions(db).list_for(user_id, offset, limit)
+        return [SessionView.of(s) for s in found], total
 
-    async def get_session(self, user_id: int, session_id: int) -> ChatSession | None:
+    async def get_session(self, user_id: int, session_id: int) -> SessionView | None:
+        """The user's session by id (ids from buttons are not trusted: another user's is None)."""
         async with self.services.sessions() as db:
-            return await Sessions(db).get(user_id, session_id)
+            session = await Sessions(db).get(user_id, session_id)
+        return None if session is None else SessionView.of(session)
 
     async def count_messages(self, session_id: int) -> int:
         async with self.services.sessions() as db:

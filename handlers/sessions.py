@@ -10,10 +10,9 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent, SessionEnd
+from graph.agent import Agent, SessionEnd, SessionView
 from handlers.filters import HasText, InOwnersPrivateChat, is_private
 from handlers.i18n import Catalog
-from storage.models import ChatSession
 
 PAGE_SIZE = 5
 MAX_TITLE = 120
@@ -155,7 +154,7 @@ async def sessions_page(
     return "\n\n".join(lines), builder.as_markup()
 
 
-def _item(index: int, session: ChatSession, agent: Agent, catalog: Catalog, lang: str | None) -> str:
+def _item(index: int, session: SessionView, agent: Agent, catalog: Catalog, lang: str | None) -> str:
     title = session.title or catalog.plain(lang, "session.untitled")
     role = agent.role_for(session.role).label(lang)
     date = f"{session.started_at:%Y-%m-%d}"

@@ -52,17 +52,12 @@ async def end_idle_sessions(
         idle = await Sessions(db).idle_since(cutoff, limit)
     ended = 0
     for candidate in idle:
-        # Re-read: a message may have arrived since the query; that session is not idle now.
-        async with services.sessions() as db:
-            session = await Sessions(db).get(candidate.user_id, candidate.id)
-        if session is None or session.status != "open" or session.last_activity_at >= cutoff:
-            continue
         try:
-            result = await agent.summarise_session(session, "idle")
+            result = await agent.end_if_idle(candidate.user_id, candidate.id, cutoff)
         except Exception as exc:
             log.warning("idle session not ended: %s", type(exc).__name__)
             continue
-        if result.outcome != "already_closed":
+        if result is not None and result.outcome != "already_closed":
             ended += 1
     if ended:
         log.info("idle sessions ended: %d", ended)

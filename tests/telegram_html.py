@@ -202,10 +202,12 @@ def entities_html(text: str, entities: Sequence[AnyEntity] | None) -> str:
             raise TelegramHTMLError(f"entity {entity} partly overlaps another")
         upto(start)
         opening, closing = _ENTITY_TAGS[kind]
+        opening = opening.format(url=html_lib.escape(entity.get("url") or ""))
         if kind == "pre" and entity.get("language"):
+            # After format(): a language may hold braces ("```{" opens a block in language "{").
             opening += f'<code class="language-{html_lib.escape(entity["language"])}">'
             closing = "</code>" + closing
-        out.append(opening.format(url=html_lib.escape(entity.get("url") or "")))
+        out.append(opening)
         stack.append((end, closing))
     while stack:
         closed_at, closing = stack.pop()

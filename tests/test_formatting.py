@@ -359,10 +359,11 @@ def test_render_is_always_valid_for_telegram(markdown: str) -> None:
     check_entities(*render(markdown))
 
 
-# Without links, code spans, backslash escapes and tables (GFM drops a row's cells beyond the
-# header's count) no construct hides source characters, so every letter and digit must reach the
-# reader, in order.
-NO_HIDING = "[`\\|"
+# Without links, code spans, backslash escapes, tables (GFM drops a row's cells beyond the
+# header's count), ordered lists (which number themselves: "1.\n1." reads "1. 2.") and tilde
+# fences (whose info string is the block's language, not its text) no construct hides or
+# changes source characters, so every letter and digit must reach the reader, in order.
+NO_HIDING = "[`\\|.)~"
 content_text = st.lists(
     st.one_of(
         st.sampled_from([p for p in PIECES if not set(p) & set(NO_HIDING)]),
