@@ -1,22 +1,22 @@
-"""The bot exactly as `python bot.py` runs it (polling), plus opt-in bench patches and probes.
+"""The bot exactly as `python bot.py` runs it (polling), plus two opt-in probes.
 
 Environment (besides the bot's own settings):
-  BENCH_PATCHES  comma-separated names from bench/patches.py, applied before the bot starts
-  BENCH_PROFILE  output path prefix: pyinstrument over the measured phase, written to
-                 <prefix>.txt / .html (pyinstrument is needed only then)
-  BENCH_SQL      output path: SQL statements and commits counted over the measured phase (JSON)
-  BENCH_GC       output path: the cyclic collector's runs, total and longest pause per
-                 generation over the measured phase (JSON)
+  BENCH_SQL  output path: SQL statements and commits counted over the measured phase (JSON);
+             bench.overhead --sql
+  BENCH_GC   output path: the cyclic collector's runs, total and longest pause per generation
+             over the measured phase (JSON); bench.overhead and bench.throughput always set it
 The driver marks the measured phase with SIGUSR1 (start) and SIGUSR2 (end); the bot itself
-never sees these signals unless one of the probes above is on.
+never sees these signals unless a probe is on.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -42,32 +42,6 @@ def _phase_signals() -> None:
 
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, end)
-
-
-def install_profiler(prefix: str) -> None:
-    from pyinstrument import Profiler
-
-    state: dict[str, Any] = {"profiler": None}
-
-    def start() -> None:
-        if state["profiler"] is None:
-            # async_mode="disabled": every frame on the event-loop thread (wall clock, idle
-            # included); interval 0.5 ms resolves a ~10 ms message into ~20 samples.
-            state["profiler"] = Profiler(interval=0.0005, async_mode="disabled")
-            state["profiler"].start()
-
-    def end() -> None:
-        profiler, state["profiler"] = state["profiler"], None
-        if profiler is None:
-            return
-        profiler.stop()
-        Path(f"{prefix}.txt").write_text(
-            profiler.output_text(unicode=True, color=False, show_all=False)
-        )
-        Path(f"{prefix}.html").write_text(profiler.output_html())
-
-    _on_start.append(start)
-    _on_end.append(end)
 
 
 def install_sql_counter(path: str) -> None:
@@ -111,9 +85,6 @@ def install_sql_counter(path: str) -> None:
 
 def install_gc_probe(path: str) -> None:
     """Time every cyclic-GC run (gc.callbacks): count, total and longest pause per generation."""
-    import gc
-    import time
-
     state: dict[str, Any] = {"on": False, "began": 0.0, "runs": {}}
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -146,35 +117,23 @@ def install_gc_probe(path: str) -> None:
 
 
 def _statement_kind(statement: str) -> str:
+    """The verb and the first table a statement names, e.g. 'SELECT messages'."""
     words = statement.split()
-    verb = words[0].upper() if words else "?"
-    table = "?"
     upper = [w.upper() for w in words]
-    for keyword in ("FROM", "INTO", "UPDATE"):
+    verb = upper[0] if upper else "?"
+    # An UPDATE names its table right after the verb; the others after FROM or INTO.
+    keywords = ("UPDATE",) if verb == "UPDATE" else ("FROM", "INTO", "UPDATE")
+    for keyword in keywords:
         if keyword in upper:
-            index = upper.index(keyword) + (0 if verb == "UPDATE" and keyword == "UPDATE" else 1)
-            if verb == "UPDATE":
-                index = upper.index("UPDATE") + 1
+            index = upper.index(keyword) + 1
             if index < len(words):
                 table = words[index].strip('"(').split("(")[0]
+                return f"{verb} {table}"
             break
-    return f"{verb} {table}"
+    return f"{verb} ?"
 
 
 def main() -> int:
-    names = [n for n in os.environ.get("BENCH_PATCHES", "").split(",") if n]
-    if names:
-        from bench import patches
-        from ops.aiogram_lazy import import_aiogram
-
-        # As bot.run does, before a patch imports the handlers: otherwise aiogram would be
-        # imported eagerly (+80 MB RSS, +2 s start-up) and every patched row would carry that.
-        import_aiogram()
-
-        for name in names:
-            patches.apply(name)
-    if prefix := os.environ.get("BENCH_PROFILE"):
-        install_profiler(prefix)
     if path := os.environ.get("BENCH_SQL"):
         install_sql_counter(path)
     if path := os.environ.get("BENCH_GC"):

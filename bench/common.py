@@ -94,11 +94,10 @@ class BenchTelegram(FakeTelegram):
 
     # --- the user side
 
-    def ask(self, user_id: int, round_no: int, *, chat_id: int | None = None,
-            text: str | None = None) -> str:
+    def ask(self, user_id: int, round_no: int, *, chat_id: int | None = None) -> str:
         """The user sends a tagged question; returns the tag (its enqueue time is recorded)."""
         name = tag(user_id, round_no)
-        body = text if text is not None else question(user_id, round_no)
+        body = question(user_id, round_no)
         kwargs: dict[str, Any] = {}
         if chat_id is not None and chat_id < 0:
             kwargs = {"chat_id": chat_id, "chat_type": "group"}
@@ -198,18 +197,16 @@ class BenchOpenAI(FakeOpenAI):
     the last byte of the stream.
     """
 
-    def __init__(self, answer: str = ANSWER, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(reply=self._answer, **kwargs)
-        self.answer = answer
         self.requested_at: dict[str, float] = {}
         self.embedded_at: dict[str, float] = {}
         self.first_token_at: dict[str, float] = {}
         self.done_at: dict[str, float] = {}
-        self.keep_requests = True
 
     def _answer(self, body: dict[str, Any]) -> str:
         name = _last_tag(body)
-        return f"{self.answer} (ref {name})" if name else self.answer
+        return f"{ANSWER} (ref {name})" if name else ANSWER
 
     async def _record(self, request: web.Request) -> Any:
         record = await super()._record(request)
@@ -221,8 +218,6 @@ class BenchOpenAI(FakeOpenAI):
             if name is not None:
                 target = self.requested_at if request.path == CHAT_PATH else self.embedded_at
                 target.setdefault(name, record.at)
-            if not self.keep_requests:
-                self.requests.clear()
         return record
 
     async def _sleep(self, request: web.Request, seconds: float) -> None:
@@ -237,19 +232,6 @@ class BenchOpenAI(FakeOpenAI):
         if name is not None:
             self.done_at.setdefault(name, time.monotonic())
         return response
-
-
-def set_chunking(words_per_chunk: int | None) -> None:
-    """How the fake model splits its answer: N words per SSE chunk, or None for one chunk.
-
-    The fake splits with a module-level regex; it is swapped here, in the bench process.
-    """
-    from tests.fakes import openai as fake_openai
-
-    if words_per_chunk is None:
-        fake_openai._CHUNK_RE = re.compile(r"[\s\S]+")
-    else:
-        fake_openai._CHUNK_RE = re.compile(rf"(?:\s*\S+){{1,{words_per_chunk}}}|\s+")
 
 
 def _last_tag(body: Any) -> str | None:
@@ -330,7 +312,7 @@ async def database(kind: str, workdir: Path, label: str,
 
 @dataclass
 class BotProcess:
-    """`python -m bench.botproc` (= bot.main(["polling"]) plus opt-in patches) in its own process.
+    """`python -m bench.botproc` (= bot.main(["polling"]) plus opt-in probes) in its own process.
 
     Its own process, like production: the fakes' CPU is not charged to the bot, and CPU time
     and peak RSS are read per process from /proc.
@@ -681,7 +663,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "implementation": platform.python_implementation(), "platform": platform.platform(),
-        "git_commit": os.environ.get("DESKTOP_BENCH_COMMIT") or git("rev-parse", "--short", "HEAD"),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
         "git_dirty_files": len([f for f in git("status", "--porcelain").splitlines() if f]),
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         # The machine's speed at the start of the bench and now (see calibrate).

@@ -26,9 +26,7 @@ from bench.common import (
     node_breakdown,
     pg_available,
     read_traces,
-    seed_history,
     seed_memories,
-    set_chunking,
     summary,
     table,
     tag,
@@ -37,7 +35,6 @@ from bench.common import (
     workspace,
     write_result,
 )
-from bench.profiling import PySpy, categorise, cpu_tables
 from storage.models import utcnow
 
 EXPLAIN = """\
@@ -49,7 +46,6 @@ What is measured
   each from a different user, so no message waits for another. Every user first sends a warm-up
   message (creates the user, opens the session, loads the memory index); the measured messages
   are the following ones, in the same session.
-  The code is measured as shipped (--patches applies bench/patches.py experiments on top).
   end to end   update enqueued at the fake -> the answer's sendMessage received by the fake
                (long-poll wake-up, aiogram, middleware, storing the question, the whole graph,
                trace write, formatting, the HTTP calls to both fakes)
@@ -62,7 +58,6 @@ What is measured
 """
 
 MEMORIES_PER_USER = 50
-PYSPY_RATE = 500
 
 
 async def ask_and_wait(tg: BenchTelegram, user_id: int, round_no: int) -> str:
@@ -112,12 +107,14 @@ def stages(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def config_name(kind: str, memory: bool) -> str:
+    return f"{kind}-{'mem' if memory else 'nomem'}"
+
+
 async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: float,
-                     patches: str = "", profile: Path | None = None,
-                     pyspy: Path | None = None, sql: Path | None = None,
-                     history: int = 0) -> dict[str, Any]:
+                     sql: Path | None = None) -> dict[str, Any]:
     """One bot process on a fresh database: warm-up round, then `rounds` measured rounds."""
-    label = f"{kind}-{'mem' if memory else 'nomem'}" + (f"-{patches}" if patches else "")
+    config = config_name(kind, memory)
     user_ids = [1000 + i for i in range(users)]
     async with workspace("overhead") as work, BenchTelegram() as tg, BenchOpenAI() as ai, \
             database(kind, work, "overhead") as db:
@@ -125,20 +122,14 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
         install_cipher(key)
         if memory:
             await seed_memories(db.url, user_ids, MEMORIES_PER_USER, ai.dims)
-        if history:
-            await seed_history(db.url, user_ids, history)
         extra: dict[str, object] = {"memory_top_k": 3 if memory else 0}
-        if patches:
-            extra["bench_patches"] = patches
-        if profile is not None:
-            extra["bench_profile"] = str(profile)
         if sql is not None:
             extra["bench_sql"] = str(sql)
-        gc_path = RESULTS_DIR / f"gc-overhead-{label}.json"
+        gc_path = RESULTS_DIR / f"gc-overhead-{config}.json"
         gc_path.unlink(missing_ok=True)
         extra["bench_gc"] = str(gc_path)
         bot = BotProcess(bot_env(tg, ai, db, work, key, **extra),
-                         RESULTS_DIR / f"overhead-{label}.log")
+                         RESULTS_DIR / f"overhead-{config}.log")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         bot.log_path.write_text("")
         await bot.start()
@@ -147,9 +138,6 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
             await sequential(tg, user_ids, 0, gap)  # warm-up
             quiet = await wait_quiet()
             since = utcnow()
-            spy = PySpy(bot.pid, pyspy, PYSPY_RATE) if pyspy is not None else None
-            if spy is not None:
-                await spy.start()
             bot.send_signal(signal.SIGUSR1)
             with Phase(bot) as phase:
                 names: list[str] = []
@@ -157,8 +145,6 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
                     names += await sequential(tg, user_ids, round_no, gap)
             bot.send_signal(signal.SIGUSR2)
             await asyncio.sleep(1.5)  # the probes write their reports
-            if spy is not None:
-                await spy.stop()
             rss, peak = bot.memory_mb()
         except TimeoutError:
             raise RuntimeError(f"a message got no answer within 30 s; the bot's log ends:\n"
@@ -170,7 +156,7 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
     e2e = [s["e2e"] for s in samples if s["e2e"] is not None]
     slow = sum(1 for v in e2e if v > 250)
     return {
-        "db": kind, "memory": memory, "patches": patches, "messages": len(names),
+        "db": kind, "memory": memory, "messages": len(names),
         "users": users, "rounds": rounds, "gap_ms": gap * 1000, "exit_code": code,
         "e2e_ms": summary(e2e), "graph_ms": summary([t["duration_ms"] for t in traces]),
         "traces": len(traces), "nodes_ms": node_breakdown(traces), "stages_ms": stages(samples),
@@ -181,7 +167,7 @@ async def run_config(kind: str, memory: bool, users: int, rounds: int, gap: floa
         "drafts_per_message": sum(s["drafts"] for s in samples) / len(samples),
         "messages_with_a_draft": sum(1 for s in samples if s["drafts"]),
         "over_250ms": slow, "rss_mb": rss, "peak_rss_mb": peak, "phase": phase.as_dict(),
-        "load_before_phase_cores": quiet, "history_messages": history,
+        "load_before_phase_cores": quiet,
         "sql_per_message": _sql_per_message(sql, len(names)),
         "gc": gc_summary(gc_path, len(names)),
     }
@@ -205,8 +191,7 @@ def gc_cell(gc: dict[str, Any] | None) -> str:
 
 
 def label(r: dict[str, Any]) -> str:
-    return (f"{r['db']}/{'mem' if r['memory'] else 'no mem'}"
-            + (f" +{r['patches']}" if r["patches"] else ""))
+    return f"{r['db']}/{'mem' if r['memory'] else 'no mem'}"
 
 
 def report(results: list[dict[str, Any]]) -> list[Check]:
@@ -215,7 +200,7 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
     for r in results:
         e, g = r["e2e_ms"], r["graph_ms"]
         rows.append([
-            r["db"], "on" if r["memory"] else "off", r["patches"] or "(as shipped)",
+            r["db"], "on" if r["memory"] else "off",
             r["messages"], e["p50"], e["p90"], e["p99"],
             e["max"], g.get("p50", float("nan")), g.get("p99", float("nan")),
             r["bot_cpu_ms_per_message"], r["bot_main_thread_cpu_ms_per_message"],
@@ -224,7 +209,7 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
             f"{r['phase']['others_cores']:.2f}",
             gc_cell(r.get("gc")),
         ])
-    print(table(["db", "memory", "patches", "msgs", "e2e p50", "p90", "p99", "max", "graph p50",
+    print(table(["db", "memory", "msgs", "e2e p50", "p90", "p99", "max", "graph p50",
                  "graph p99", "bot CPU/msg", "of it loop thread", "of it kernel",
                  "fakes CPU/msg", "drafts/msg",
                  "other load", "GC ms/msg (longest)"], rows,
@@ -249,17 +234,9 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
         print("  " + ", ".join(f"{k} {v:.1f}" for k, v in q["by_kind"].items()))
     print()
     checks: list[Check] = []
-    patched = any(r["patches"] for r in results)
-    for r in results:
-        if patched and not r["patches"]:
-            e = r["e2e_ms"]
-            checks.append(Check(f"as shipped ({r['db']}, memory off): p50", "<= 10 ms",
-                                f"{e['p50']:.1f} ms", e["p50"] <= 10))
     for kind in ("sqlite", "postgresql"):
         for memory in (False, True):
-            # The matrix: the rows run with --patches (none by default: the code as shipped).
-            found = [r for r in results if r["db"] == kind and r["memory"] == memory
-                     and bool(r["patches"]) == patched]
+            found = [r for r in results if r["db"] == kind and r["memory"] == memory]
             what = f"overhead {kind}, memory {'on' if memory else 'off'}"
             if not found:
                 checks.append(Check(f"{what} p50", "<= 10 ms", "not run", None))
@@ -272,25 +249,6 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
     for r in flagged:
         print(f"note: {label(r)}: {r['over_250ms']} messages over 250 ms")
     return checks
-
-
-def print_cpu_tables(path: Path, messages: int, rate: int = PYSPY_RATE, top: int = 25) -> None:
-    """Shares of the bot's CPU samples, and what they make per message (ms)."""
-    tables = cpu_tables(path, top)
-    per_sample = 1000.0 / rate / max(messages, 1)
-    print(f"py-spy: {tables['samples']} CPU samples of the bot process ({path.name}), "
-          f"= {tables['samples'] * per_sample:.1f} ms CPU per message")
-    layers = categorise(path)
-    print(table(["layer (leaf-first)", "ms/msg"],
-                [(name, count * per_sample) for name, count in layers.items() if count > 1]))
-    print()
-    for key, title in (("by_thread", "thread"), ("self_by_package", "self CPU by package"),
-                       ("self_by_function", "self CPU by function"),
-                       ("inclusive_by_function", "inclusive CPU of project functions")):
-        rows = [(name, share, share * tables["samples"] * per_sample / 100)
-                for name, share in tables[key]]  # type: ignore[attr-defined]
-        print(table([title, "% CPU", "ms/msg"], rows))
-        print()
 
 
 def _pm(s: dict[str, float] | None) -> str:
@@ -306,49 +264,25 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--gap", type=float, default=0.005, help="idle seconds between messages")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--memory", choices=["on", "off", "both"], default="both")
-    parser.add_argument("--patches", default="",
-                        help="bench/patches.py names, comma-separated, applied to the matrix "
-                             "(then an extra unpatched row is run for comparison)")
-    parser.add_argument("--no-as-shipped", action="store_true",
-                        help="skip the extra unpatched row (SQLite, memory off)")
-    parser.add_argument("--profile", action="store_true",
-                        help="pyinstrument the measured phase (needs pyinstrument installed)")
-    parser.add_argument("--pyspy", action="store_true",
-                        help="py-spy the bot over the measured phase (needs py-spy installed)")
     parser.add_argument("--sql", action="store_true",
                         help="count SQL statements and commits per message in the bot")
-    parser.add_argument("--history", type=int, default=0,
-                        help="messages already in each user's open session (seeded)")
-    parser.add_argument("--chunk-words", type=int, default=1,
-                        help="words per streamed chunk of the fake model (0: the whole answer "
-                             "in one chunk)")
-    parser.add_argument("--name", default="overhead", help="results file name")
     args = parser.parse_args(argv)
-    set_chunking(args.chunk_words or None)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     if "postgresql" in kinds and not await pg_available():
         print("PostgreSQL unreachable at 127.0.0.1:5432: SQLite only")
         kinds.remove("postgresql")
     memories = {"on": [True], "off": [False], "both": [False, True]}[args.memory]
-    # (db, memory, patches, count SQL): the matrix, then (with --patches) the code as shipped.
-    configs = [(kind, memory, args.patches, args.sql, args.users, args.rounds)
-               for kind in kinds for memory in memories]
-    if not args.no_as_shipped and args.patches:
-        configs.append(("sqlite", False, "", True, min(args.users, 60), 1))
     results = []
-    for kind, memory, patches, count_sql, users, rounds in configs:
-        name = f"{kind}-{'mem' if memory else 'nomem'}" + (f"-{patches}" if patches else "")
-        print(f"running {name}: {users} users x {rounds} measured messages ...", flush=True)
-        profile = RESULTS_DIR / f"profile-{args.name}-{name}" if args.profile else None
-        spy = RESULTS_DIR / f"pyspy-{args.name}-{name}.txt" if args.pyspy else None
-        sql = RESULTS_DIR / f"sql-{args.name}-{name}.json" if count_sql else None
-        results.append(await run_config(kind, memory, users, rounds, args.gap,
-                                        patches, profile, spy, sql, args.history))
-        if spy is not None:
-            print_cpu_tables(spy, results[-1]["messages"])
+    for kind in kinds:
+        for memory in memories:
+            name = config_name(kind, memory)
+            print(f"running {name}: {args.users} users x {args.rounds} measured messages ...",
+                  flush=True)
+            sql = RESULTS_DIR / f"sql-overhead-{name}.json" if args.sql else None
+            results.append(await run_config(kind, memory, args.users, args.rounds, args.gap, sql))
     checks = report(results)
-    path = write_result(args.name, {"explain": EXPLAIN, "results": results,
-                                    "checks": [c.__dict__ for c in checks]})
+    path = write_result("overhead", {"explain": EXPLAIN, "results": results,
+                                     "checks": [c.__dict__ for c in checks]})
     print(f"\nwritten: {path}")
     return 0
 

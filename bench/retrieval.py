@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bench.common import (
     Check,
@@ -29,15 +30,12 @@ EXPLAIN = """\
 What is measured (in this process, no bot and no HTTP)
   One user holds N memories with random unit vectors of D dimensions, inserted through the ORM
   models (encrypted exactly as LocalMemory.add stores them). LocalMemory.search(user, query, k=3):
-  cold   a fresh LocalMemory (empty cache): loads and decrypts the user's N rows, builds the
+  cold   a fresh LocalMemory (empty cache): loads and decrypts the user's N embeddings, builds the
          normalised matrix, scores, then fetches the 3 hits (median of several cold loads)
   warm   the matrix is cached: score the query against it (numpy), argsort, fetch the 3 hits
          from SQL (and decrypt them); p50/p99 over many random queries
-  score  the numpy part of a warm search alone (matrix @ query + argsort), to split CPU from SQL
-  fixed  the same two searches with two repository changes patched in (bench only):
-         by_ids fetches by primary key (SQLite otherwise walks ix_memories_user over ALL the
-         user's rows, reading each one's encrypted embedding, to find 3 ids), and the index load
-         reads (id, embedding) only instead of decrypting title and text of every memory
+  score  the numpy part of a warm search alone (matrix @ query + argsort), to split CPU from SQL;
+         the matrix is built here the way LocalMemory builds it, from Memories.vectors_for
   BLAS   numpy's OpenBLAS uses OPENBLAS_NUM_THREADS threads (default: all cores); on a busy
          2-core machine its threads spin against other work, which shows in `score`
 """
@@ -70,42 +68,31 @@ async def measure(url: str, user_id: int, dims: int, warm_runs: int,
             began = time.perf_counter()
             await memory.search(user_id, query, K)
             warm.append((time.perf_counter() - began) * 1000)
-        index = await memory._index(user_id)
+        matrix = await user_matrix(sessions, user_id)
         score = []
         for _ in range(warm_runs):
             query = rng.standard_normal(dims).astype(np.float32)
             began = time.perf_counter()
             query /= np.linalg.norm(query)
-            np.argsort(-(index.matrix @ query))[:K]
+            np.argsort(-(matrix @ query))[:K]
             score.append((time.perf_counter() - began) * 1000)
         return {"cold_ms": summary(cold), "warm_ms": summary(warm), "score_ms": summary(score),
-                "matrix_mb": index.matrix.nbytes / 2**20}
+                "matrix_mb": matrix.nbytes / 2**20}
     finally:
         await engine.dispose()
 
 
-def patch_repository() -> None:
-    """The two proposed fixes in storage/repositories.py Memories, applied in this process."""
-    from sqlalchemy import select
+async def user_matrix(sessions: async_sessionmaker[AsyncSession], user_id: int) -> np.ndarray:
+    """The user's embeddings as LocalMemory caches them: one float32 row each, L2-normalised.
 
-    from storage.models import MemoryRecord
+    Built from the public repository rather than read out of LocalMemory's private cache.
+    """
     from storage.repositories import Memories
 
-    async def by_ids(self: Memories, user_id: int, ids: Any) -> list[MemoryRecord]:
-        if not ids:
-            return []
-        stmt = select(MemoryRecord).where(MemoryRecord.id.in_(list(ids)))
-        rows = (await self.db.execute(stmt)).scalars()
-        return [r for r in rows if r.user_id == user_id]  # ownership checked on the 3 rows
-
-    async def for_user(self: Memories, user_id: int) -> Any:
-        stmt = select(MemoryRecord.id, MemoryRecord.embedding).where(
-            MemoryRecord.user_id == user_id
-        ).order_by(MemoryRecord.created_at)
-        return (await self.db.execute(stmt)).all()
-
-    Memories.by_ids = by_ids  # type: ignore[method-assign]
-    Memories.for_user = for_user  # type: ignore[method-assign]
+    async with sessions() as db:
+        stored = await Memories(db).vectors_for(user_id)
+    matrix = np.stack([np.frombuffer(vector, dtype=np.float32) for _, _, vector in stored])
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 async def run_db(kind: str, counts: tuple[int, ...], dims: tuple[int, ...], warm_runs: int,
@@ -122,39 +109,18 @@ async def run_db(kind: str, counts: tuple[int, ...], dims: tuple[int, ...], warm
                 cold = cold_runs if n < 10_000 else 3
                 row = await measure(db.url, user_id, d, warm_runs, cold)
                 results.append({"db": kind, "memories": n, "dims": d, **row})
-                saved = _repository_methods()
-                patch_repository()
-                try:
-                    fixed = await measure(db.url, user_id, d, warm_runs, cold)
-                finally:
-                    _restore(saved)
-                results[-1]["fixed"] = fixed
                 user_id += 1
     return results
-
-
-def _repository_methods() -> dict[str, Any]:
-    from storage.repositories import Memories
-
-    return {"by_ids": Memories.by_ids, "for_user": Memories.for_user}
-
-
-def _restore(saved: dict[str, Any]) -> None:
-    from storage.repositories import Memories
-
-    for name, method in saved.items():
-        setattr(Memories, name, method)
 
 
 def report(results: list[dict[str, Any]]) -> list[Check]:
     print(EXPLAIN)
     print(f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '(unset: all cores)')}")
     rows = [[r["db"], r["memories"], r["dims"], r["warm_ms"]["p50"], r["warm_ms"]["p99"],
-             r["score_ms"]["p50"], r["cold_ms"]["p50"], r["fixed"]["warm_ms"]["p50"],
-             r["fixed"]["warm_ms"]["p99"], r["fixed"]["cold_ms"]["p50"], r["matrix_mb"]]
+             r["score_ms"]["p50"], r["cold_ms"]["p50"], r["matrix_mb"]]
             for r in results]
     print(table(["db", "memories", "dims", "warm p50", "warm p99", "score p50", "cold",
-                 "fixed: warm p50", "warm p99", "cold", "cached MB"], rows,
+                 "cached MB"], rows,
                 title="LocalMemory.search, k=3 (ms)"))
     print()
     checks = []
@@ -163,9 +129,6 @@ def report(results: list[dict[str, Any]]) -> list[Check]:
             p50 = r["warm_ms"]["p50"]
             checks.append(Check(f"{r['db']}: retrieval over 10,000 x {r['dims']} (warm)",
                                 "p50 <= 5 ms", f"{p50:.2f} ms", p50 <= 5.0))
-            fixed = r["fixed"]["warm_ms"]["p50"]
-            checks.append(Check(f"{r['db']}: same, with the by_ids/for_user fix (bench patch)",
-                                "p50 <= 5 ms", f"{fixed:.2f} ms", fixed <= 5.0))
     print(checks_table(checks))
     return checks
 
@@ -195,10 +158,9 @@ async def main(argv: list[str]) -> int:
     for kind in kinds:
         results += await run_db(kind, counts, dims, args.warm, args.cold)
     checks = report(results)
-    name = f"retrieval-blas{args.blas_threads}" if args.blas_threads else "retrieval"
-    path = write_result(name, {"explain": EXPLAIN, "results": results,
-                               "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-                               "checks": [c.__dict__ for c in checks]})
+    path = write_result("retrieval", {"explain": EXPLAIN, "results": results,
+                                      "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                                      "checks": [c.__dict__ for c in checks]})
     print(f"\nwritten: {path}")
     return 0
 

@@ -7,7 +7,6 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -33,8 +32,7 @@ from bench.common import (
     workspace,
     write_result,
 )
-from bench.overhead import gc_cell, print_cpu_tables
-from bench.profiling import PySpy
+from bench.overhead import gc_cell
 
 EXPLAIN = """\
 What is measured
@@ -83,8 +81,8 @@ async def burst(tg: BenchTelegram, users: list[int], round_no: int,
     return result
 
 
-async def run_db(kind: str, burst_users: int, slow_users: list[int], timeout: float,
-                 patches: str = "", pyspy: Path | None = None) -> dict[str, Any]:
+async def run_db(kind: str, burst_users: int, slow_users: list[int],
+                 timeout: float) -> dict[str, Any]:
     """One bot on a fresh database: warm-up, the zero-latency burst, then the slow-model bursts."""
     biggest = max([burst_users, *slow_users])
     users = [100_000 + i for i in range(biggest)]
@@ -99,8 +97,7 @@ async def run_db(kind: str, burst_users: int, slow_users: list[int], timeout: fl
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         gc_path = RESULTS_DIR / f"gc-throughput-{kind}.json"
         gc_path.unlink(missing_ok=True)
-        extra = {"bench_gc": str(gc_path), **({"bench_patches": patches} if patches else {})}
-        bot = BotProcess(bot_env(tg, ai, db, work, key, **extra),
+        bot = BotProcess(bot_env(tg, ai, db, work, key, bench_gc=gc_path),
                          RESULTS_DIR / f"throughput-{kind}.log")
         bot.log_path.write_text("")
         await bot.start()
@@ -110,15 +107,10 @@ async def run_db(kind: str, burst_users: int, slow_users: list[int], timeout: fl
             tg.keep_calls = False
             out["rss_after_warmup_mb"] = bot.memory_mb()[0]
             out["load_before_cores"] = await wait_quiet()
-            spy = PySpy(bot.pid, pyspy) if pyspy is not None else None
-            if spy is not None:
-                await spy.start()
             bot.send_signal(signal.SIGUSR1)  # the collector probe's phase
             with Phase(bot) as phase:
                 out["burst"] = await burst(tg, users[:burst_users], 1, timeout)
             bot.send_signal(signal.SIGUSR2)
-            if spy is not None:
-                await spy.stop()
             out["burst"]["phase"] = phase.as_dict()
             answered = max(out["burst"]["answered"], 1)
             out["burst"]["bot_cpu_ms_per_message"] = phase.bot_cpu / answered * 1000
@@ -199,9 +191,6 @@ async def main(argv: list[str]) -> int:
     # SQLite (the default deployment) alone fits in five minutes at today's speed.
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="sqlite")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per burst")
-    parser.add_argument("--patches", default="", help="bench/patches.py names (experiments)")
-    parser.add_argument("--pyspy", action="store_true", help="py-spy the zero-latency burst")
-    parser.add_argument("--name", default="throughput", help="results file name")
     args = parser.parse_args(argv)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     if "postgresql" in kinds and not await pg_available():
@@ -212,13 +201,9 @@ async def main(argv: list[str]) -> int:
     for kind in kinds:
         print(f"running {kind}: burst of {args.users}, then {slow} users on a 1 s model ...",
               flush=True)
-        spy = RESULTS_DIR / f"pyspy-{args.name}-{kind}.txt" if args.pyspy else None
-        results.append(await run_db(kind, args.users, slow, args.timeout, args.patches, spy))
-        if spy is not None:
-            print_cpu_tables(spy, results[-1]["burst"]["answered"])
+        results.append(await run_db(kind, args.users, slow, args.timeout))
     checks = report(results)
-    path = write_result(args.name, {"explain": EXPLAIN, "patches": args.patches,
-                                    "results": results,
+    path = write_result("throughput", {"explain": EXPLAIN, "results": results,
                                        "checks": [c.__dict__ for c in checks]})
     print(f"\nwritten: {path}")
     return 0
