@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 # numpy's BLAS threads spin against the event loop on a small machine: one thread scores
-# a 10,000-memory matrix ~4x faster here under load (bench/retrieval.py). Set before numpy loads.
+# a 10,000-memory matrix faster here under load (bench/retrieval.py). Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from settings import ConfigError, Settings, load_settings
@@ -150,7 +150,11 @@ async def build_memory(settings: Settings, sessions: Any) -> MemoryStore:
 
 @asynccontextmanager
 async def background_jobs(agent: Agent, redis_url: str | None) -> AsyncIterator[None]:
-    """APScheduler upkeep; with REDIS_URL each run is claimed so the fleet runs it once."""
+    """APScheduler jobs, reminders sent through a Bot of their own; with REDIS_URL each run is
+    claimed so the fleet runs it once."""
+    from handlers.app import build_bot
+    from handlers.i18n import Catalog
+    from handlers.reminders import ReminderNotifier
     from ops.jobs import JobClaims, build_scheduler
 
     redis = None
@@ -158,12 +162,17 @@ async def background_jobs(agent: Agent, redis_url: str | None) -> AsyncIterator[
         from redis.asyncio import Redis
 
         redis = Redis.from_url(redis_url)
-    scheduler = build_scheduler(agent, claims=JobClaims(redis) if redis is not None else None)
+    bot = build_bot(agent.services.settings)
+    scheduler = build_scheduler(
+        agent, claims=JobClaims(redis) if redis is not None else None,
+        notify=ReminderNotifier(bot, Catalog.load()),
+    )
     scheduler.start()
     try:
         yield
     finally:
         scheduler.shutdown(wait=False)
+        await bot.session.close()
         if redis is not None:
             await redis.aclose()
 

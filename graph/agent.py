@@ -8,20 +8,22 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
-from graph.nodes import MODEL_STARTED
+from graph.nodes import ModelStarted
 from graph.roles import Role
 from graph.tokens import count_tokens
+from graph.tools import ToolScope, schemas, tools_for
 from graph.tracing import RunTrace, TraceLog
 from memory.base import MemoryScope
 from storage.data_rights import DeletionReceipt, delete_user, export_user
-from storage.models import ChatSession, Message, User, utcnow
-from storage.repositories import Budget, Messages, Sessions, Users
+from storage.models import ChatSession, Message, Reminder, User, utcnow
+from storage.repositories import Budget, Messages, Reminders, Sessions, Users
 from storage.turns import NewQuestion, StoredQuestion, store_question
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,12 @@ class UserView:
     instructions: str | None
     language: str | None
     private_data_in_groups: bool
+    timezone: str | None
 
     @classmethod
     def of(cls, user: User) -> UserView:
-        return cls(user.id, user.role, user.instructions, user.language, user.private_data_in_groups)
+        return cls(user.id, user.role, user.instructions, user.language, user.private_data_in_groups,
+                   user.timezone)
 
 
 @dataclass(frozen=True)
@@ -112,41 +116,68 @@ class SessionView:
 
 
 @dataclass(frozen=True)
+class ReminderView:
+    """A reminder as front ends show and send it (a copy: never a live database row)."""
+
+    id: int
+    user_id: int
+    chat_id: int
+    text: str
+    due_at: dt.datetime
+    timezone: str | None  # the user's, to show the time as they read it
+    language: str | None
+
+    def local_due(self) -> str:
+        zone = ZoneInfo(self.timezone) if self.timezone else dt.UTC
+        return f"{self.due_at.astimezone(zone):%Y-%m-%d %H:%M}" + ("" if self.timezone else " UTC")
+
+
+# A claimed reminder whose process died before sending it is taken again after this long.
+REMINDER_CLAIM_STALE = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
 class Profile:
     user: UserView
     role: Role
 
 
 class TurnRun:
-    """One run of the turn graph, read through LangGraph's stream (custom + updates).
+    """One run of the turn graph in its own task: the state from LangGraph's "updates" stream,
+    the answer's deltas from the context's `on_delta` sink.
 
-    The run reads the stream in its own task. The state is what the nodes wrote, merged in
-    order (no channel of TurnState has a reducer), so nothing copies the whole state per step. Deltas are handed to the front end in batches:
-    it takes all that arrived since it last looked in one piece, so a fast stream costs a few
-    wake-ups, not one per token, and a slow one still shows each token as it comes. The latest
-    state is kept, so a run cancelled midway can settle what it reserved.
+    The state is what the nodes wrote, merged in order (no channel of TurnState has a reducer);
+    it is kept, so a run cancelled midway can settle what it reserved. The deltas do not go
+    through LangGraph's custom stream: one stream event per token cost the bot about a third
+    more CPU per answer and made 1,000 users at once wait that much longer (bench/README.md).
+    They are handed to the front end in batches: it takes all that arrived since it last
+    looked in one piece, so a fast stream costs a few wake-ups, not one per token, and a slow
+    one still shows each token as it comes.
     """
 
-    def __init__(self, graph: Any, text: str, context: TurnContext) -> None:
+    def __init__(self) -> None:
         self.state: dict[str, Any] = {}
         self.model_started = False
         self._parts: list[str] = []
         self._wake: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, graph: Any, text: str, context: TurnContext) -> None:
         self.task = asyncio.create_task(self._read(graph, text, context))
         self.task.add_done_callback(self._signal)
 
+    def push(self, chunk: str | ModelStarted) -> None:
+        """The context's delta sink (graph/nodes.py call_model)."""
+        if isinstance(chunk, ModelStarted):
+            self.model_started = True
+        else:
+            self._parts.append(chunk)
+            self._signal()
+
     async def _read(self, graph: Any, text: str, context: TurnContext) -> None:
-        async for mode, chunk in graph.astream(
-            {"text": text}, context=context, stream_mode=["custom", "updates"]
-        ):
-            if mode == "updates":
-                for written in chunk.values():
-                    self.state.update(written or {})
-            elif chunk is MODEL_STARTED:
-                self.model_started = True
-            else:
-                self._parts.append(chunk)
-                self._signal()
+        async for update in graph.astream({"text": text}, context=context, stream_mode="updates"):
+            for written in update.values():
+                self.state.update(written or {})
 
     def _signal(self, *_: object) -> None:
         if self._wake is not None and not self._wake.done():
@@ -159,16 +190,24 @@ class TurnRun:
                 text = "".join(self._parts)
                 self._parts.clear()
                 yield text
-            elif self.task.done():
-                self.task.result()  # the run's error, if it failed
+            elif self.task is None or self.task.done():
+                if self.task is not None:
+                    self.task.result()  # the run's error, if it failed
                 return
             else:
                 self._wake = asyncio.get_running_loop().create_future()
                 await self._wake
 
 
-async def _stop(run: asyncio.Task[Any]) -> None:
-    if not run.done():
+def _reminder_view(reminder: Reminder, user: User | None) -> ReminderView:
+    return ReminderView(
+        reminder.id, reminder.user_id, reminder.chat_id, reminder.text, reminder.due_at,
+        user.timezone if user is not None else None, user.language if user is not None else None,
+    )
+
+
+async def _stop(run: asyncio.Task[Any] | None) -> None:
+    if run is not None and not run.done():
         run.cancel()
         await asyncio.wait([run])
 
@@ -221,6 +260,38 @@ class Agent:
             await Users(db).set_private_data_in_groups(user_id, allowed)
             await db.commit()
 
+    # --- reminders -------------------------------------------------------------------------
+
+    async def reminders(self, user_id: int) -> list[ReminderView]:
+        async with self.services.sessions() as db:
+            user = await Users(db).get(user_id)
+            waiting = await Reminders(db).pending_for(user_id)
+        return [_reminder_view(r, user) for r in waiting]
+
+    async def cancel_reminder(self, user_id: int, reminder_id: int) -> bool:
+        """False when it is not this user's waiting reminder (ids from buttons are not trusted)."""
+        async with self.services.sessions() as db:
+            cancelled = await Reminders(db).cancel(user_id, reminder_id)
+            await db.commit()
+        return cancelled
+
+    async def claim_due_reminders(self, now: dt.datetime | None = None) -> list[ReminderView]:
+        """Reminders due now, each claimed for this process alone; report each with reminder_sent."""
+        async with self.services.sessions() as db:
+            due = await Reminders(db).claim_due(now or utcnow(), stale_after=REMINDER_CLAIM_STALE)
+            await db.commit()
+            users = {r.user_id: await Users(db).get(r.user_id) for r in due}
+        return [_reminder_view(r, users[r.user_id]) for r in due]
+
+    async def reminder_sent(self, reminder_id: int, sent: bool, now: dt.datetime | None = None) -> None:
+        """Sent: done for good. Not sent (Telegram unreachable): waiting again for the next run."""
+        async with self.services.sessions() as db:
+            if sent:
+                await Reminders(db).mark_sent(reminder_id, now or utcnow())
+            else:
+                await Reminders(db).release(reminder_id)
+            await db.commit()
+
     async def set_instructions(self, user_id: int, instructions: str | None) -> None:
         async with self.services.sessions() as db:
             await Users(db).ensure(user_id, None)
@@ -250,6 +321,10 @@ class Agent:
             yield Resumed()
         trace = RunTrace("turn", user_id, stored.session_id)
         scope = MemoryScope.for_chat(user_id, chat_id, stored.private_in_groups)
+        # Tools act on the user's private things (reminders): only in their private chat.
+        tools = tuple(tools_for(role.tools, ToolScope(user_id, chat_id, self.services.sessions))
+                      if chat_id == user_id else ())
+        run = TurnRun()
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id,
             session_id=stored.session_id, question_id=stored.question_id, role=role,
@@ -257,8 +332,9 @@ class Agent:
             instructions=stored.instructions if scope.with_private else None,
             memory_scope=scope,
             history=stored.history, trace=trace,
+            tools=tools, tool_schemas=tuple(schemas(list(tools))), on_delta=run.push,
         )
-        run = TurnRun(self.turn_graph, text, context)
+        run.start(self.turn_graph, text, context)
         try:
             async for delta in run.deltas():
                 yield Delta(delta)
@@ -355,7 +431,7 @@ class Agent:
         result = final.get("result")
         if outcome in ("answered", "partial") and result is not None:
             complete = outcome == "answered" and not result.truncated
-            return Answer(result.text, complete, final.get("charged", 0))
+            return Answer(final.get("answer_text", result.text), complete, final.get("charged", 0))
         return Failure(result.fault if result is not None and result.fault else "error")
 
     def _save_trace(self, trace: RunTrace) -> None:

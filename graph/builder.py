@@ -11,13 +11,15 @@ from graph.tracing import traced
 
 
 def build_turn_graph() -> StateGraph[TurnState, TurnContext, TurnState, TurnState]:
-    """retrieve memory -> persona -> budget -> (model -> persist | refuse)."""
+    """retrieve memory -> persona -> budget -> (model -> [tools -> budget -> model]* -> persist
+    | refuse)."""
     graph = StateGraph(TurnState, context_schema=TurnContext)
     for name, node in (
         ("retrieve_memory", nodes.retrieve_memory),
         ("apply_persona", nodes.apply_persona),
         ("reserve_budget", nodes.reserve_budget),
         ("call_model", nodes.call_model),
+        ("run_tools", nodes.run_tools),
         ("persist", nodes.persist),
         ("refuse", nodes.refuse),
     ):
@@ -26,7 +28,9 @@ def build_turn_graph() -> StateGraph[TurnState, TurnContext, TurnState, TurnStat
     graph.add_edge("retrieve_memory", "apply_persona")
     graph.add_edge("apply_persona", "reserve_budget")
     graph.add_conditional_edges("reserve_budget", nodes.after_budget, ["call_model", "refuse"])
-    graph.add_edge("call_model", "persist")
+    graph.add_conditional_edges("call_model", nodes.after_model, ["run_tools", "persist"])
+    # A tool round's results go back to the model, reserved from the budget like any call.
+    graph.add_edge("run_tools", "reserve_budget")
     graph.add_edge("persist", END)
     graph.add_edge("refuse", END)
     return graph

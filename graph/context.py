@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from langchain_core.tools import BaseTool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graph.model import ModelGateway
@@ -25,6 +28,10 @@ class Services:
     models: ModelGateway
 
 
+def _nowhere(_: Any) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class TurnContext:
     """Passed at invoke time as Runtime[TurnContext]: who is asking, in which session.
@@ -42,6 +49,11 @@ class TurnContext:
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
+    # The role's tools, bound to this user (graph/tools.py), and their schemas for the model.
+    tools: tuple[BaseTool, ...] = ()
+    tool_schemas: tuple[dict[str, Any], ...] = ()
+    # Where the model's deltas go as they arrive (the agent's TurnRun); by default nowhere.
+    on_delta: Callable[[Any], None] = _nowhere
 
 
 @dataclass(frozen=True)

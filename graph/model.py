@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import aiohttp
 import numpy as np
 import openai
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -33,6 +34,15 @@ MAX_RETRY_AFTER = 20.0
 
 
 @dataclass(frozen=True)
+class ToolRequest:
+    """A tool call the model asked for: its arguments as the JSON text it sent."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ModelResult:
     text: str
     input_tokens: int | None
@@ -41,6 +51,7 @@ class ModelResult:
     attempts: int = 1
     error: str | None = None  # the exception class name: never its message (it may quote input)
     truncated: bool = False  # the model stopped at max_tokens, mid-answer
+    tool_calls: tuple[ToolRequest, ...] = ()
 
     @property
     def usage_known(self) -> bool:
@@ -146,14 +157,17 @@ class ModelGateway:
 
     async def stream_chat(
         self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int,
-        on_delta: Callable[[str], None] | None = None,
+        on_delta: Callable[[str], None] | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> ModelResult:
-        """Stream an answer; retry only before the first token (a retry after it would repeat text)."""
-        request = {
+        """Stream an answer (or tool calls); retry only before the first token (a retry after
+        it would repeat text)."""
+        request: dict[str, Any] = {
             "model": model, "messages": [_as_openai(m) for m in messages],
             "temperature": temperature, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if tools:
+            request["tools"] = tools
         answer = _StreamedAnswer(on_delta)
 
         async def attempt() -> None:
@@ -169,7 +183,7 @@ class ModelGateway:
                 async for chunk in stream:
                     answer.feed(chunk)
 
-        retrying = self._retrying(lambda: not answer.parts)
+        retrying = self._retrying(lambda: not answer.parts and not answer.calls)
         try:
             await retrying(attempt)
         except Exception as exc:
@@ -253,13 +267,23 @@ def _failed(exc: BaseException, retrying: AsyncRetrying) -> tuple[FaultKind, str
     return kind, type(exc).__name__, attempts
 
 
-_OPENAI_ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+_OPENAI_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
 
-def _as_openai(message: BaseMessage) -> dict[str, str]:
-    """Our prompts hold system, user and assistant text only."""
+def _as_openai(message: BaseMessage) -> dict[str, Any]:
+    """Our prompts hold system, user and assistant text, and tool calls with their results."""
     content = message.content if isinstance(message.content, str) else str(message.content)
-    return {"role": _OPENAI_ROLES[message.type], "content": content}
+    wire: dict[str, Any] = {"role": _OPENAI_ROLES[message.type], "content": content}
+    if isinstance(message, ToolMessage):
+        wire["tool_call_id"] = message.tool_call_id
+    elif isinstance(message, AIMessage) and message.tool_calls:
+        wire["content"] = content or None
+        wire["tool_calls"] = [
+            {"id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["args"])}}
+            for call in message.tool_calls
+        ]
+    return wire
 
 
 class _StreamedAnswer:
@@ -268,6 +292,7 @@ class _StreamedAnswer:
     def __init__(self, on_delta: Callable[[str], None] | None) -> None:
         self.on_delta = on_delta
         self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}  # by index: id, name, argument pieces
         self.usage: dict[str, Any] | None = None
         self.truncated = False
 
@@ -283,6 +308,14 @@ class _StreamedAnswer:
                 self.parts.append(text)
                 if self.on_delta is not None:
                     self.on_delta(text)
+            for piece in (choice.get("delta") or {}).get("tool_calls") or ():
+                call = self.calls.setdefault(
+                    int(piece.get("index", 0)), {"id": "", "name": "", "arguments": []}
+                )
+                function = piece.get("function") or {}
+                call["id"] = piece.get("id") or call["id"]
+                call["name"] = function.get("name") or call["name"]
+                call["arguments"].append(function.get("arguments") or "")
             if choice.get("finish_reason") == "length":
                 self.truncated = True
 
@@ -290,7 +323,11 @@ class _StreamedAnswer:
         text = "".join(self.parts)
         if fault is not None or self.usage is None:
             return ModelResult(text, None, None, fault, attempt, error, truncated=self.truncated)
+        calls = () if self.truncated else tuple(
+            ToolRequest(c["id"], c["name"], "".join(c["arguments"]))
+            for _, c in sorted(self.calls.items())
+        )
         return ModelResult(
             text, int(self.usage.get("prompt_tokens", 0)), int(self.usage.get("completion_tokens", 0)),
-            None, attempt, truncated=self.truncated,
+            None, attempt, truncated=self.truncated, tool_calls=calls,
         )

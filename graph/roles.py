@@ -83,6 +83,7 @@ class Role:
     max_output_tokens: int
     system_prompt: str
     path: Path
+    tools: tuple[str, ...] = ()
 
     def label(self, lang: str | None) -> str:
         """Title in the user's language (Russian for ru* codes, otherwise English)."""
@@ -158,6 +159,8 @@ class FrontMatter(BaseModel):
     max_output_tokens: Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS_LIMIT, strict=True)] = (
         DEFAULT_MAX_OUTPUT_TOKENS
     )
+    # Built-in tool sets the role may call (graph/tools.py TOOL_SETS).
+    tools: tuple[Literal["reminders"], ...] = ()
 
 
 def _problems(exc: ValidationError) -> str:
@@ -209,6 +212,7 @@ def _parse_role(role_id: str, path: Path, raw: bytes) -> Role:
         max_output_tokens=fields.max_output_tokens,
         system_prompt=system_prompt,
         path=path,
+        tools=fields.tools,
     )
 
 

@@ -23,7 +23,11 @@ class TurnState(TypedDict, total=False):
     reservation: Reserved | None
     refusal: OverBudget | None
     result: ModelResult | None
+    tool_rounds: int  # model calls so far that asked for tools
+    earlier_text: str  # what the model said before its tool calls, shown with the answer
+    earlier_charge: int  # what those calls were charged
     charged: int
+    answer_text: str  # the answer as stored and shown (with what came before tool calls)
     outcome: str  # answered | partial | refused | failed | deleted
 
 

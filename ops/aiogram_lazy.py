@@ -4,8 +4,8 @@ aiogram declares every Telegram type with pydantic's `defer_build=True`, then un
 end of `aiogram/types/__init__.py`: it calls `model_rebuild()` on all ~450 types, passing a
 namespace that resolves the forward references each type module imports only under
 TYPE_CHECKING. The types form one large cycle (Message -> Chat -> Message ...), so every one of
-them gets its own validator holding most of the API: ~2 s and ~100 MB at every start, for a bot
-that validates a dozen of them.
+them gets its own validator holding most of the API: seconds and a hundred megabytes at every
+start (bench/README.md, "Speed tricks"), for a bot that validates a dozen of them.
 
 `import_aiogram()` imports aiogram with those rebuild calls skipped, and gives each type module
 the names of that same namespace (names the module does not bind itself; if one bound any of
@@ -13,8 +13,8 @@ them to something else, it falls back to aiogram's own eager rebuild - none does
 type's schema resolves exactly as aiogram's rebuild resolves it whenever pydantic builds it: on
 the first validation, instantiation or schema request, or as part of a model that refers to it
 (pydantic's standard `defer_build` path). Nothing else changes: the same classes, fields and
-validation. Measured (aiogram 3.31, pydantic 2.13): import 2.5 s -> 0.6 s, RSS -95 MB; the first
-use of a type or method not prebuilt below costs 1-20 ms once.
+validation. The first use of a type or method not prebuilt below costs a few milliseconds,
+once. tests/test_aiogram_lazy.py checks it against the installed aiogram and pydantic.
 
 Call it before anything imports aiogram; when aiogram is already imported (the tests, which
 import the handlers directly) it does nothing and aiogram stays as it is. Not thread-safe
@@ -31,7 +31,7 @@ from typing import Any
 
 _TYPES_PACKAGE = "aiogram.types"
 # Built at import all the same: every update and every answer goes through these, so the first
-# message does not pay for them (~0.1 s together; each of the others costs 1-20 ms on first use).
+# message does not pay for them.
 PREBUILD_TYPES = ("Message", "Update")
 PREBUILD_METHODS = ("SendMessage", "SendMessageDraft", "EditMessageText")
 _lock = threading.Lock()

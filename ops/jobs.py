@@ -1,4 +1,4 @@
-"""Scheduled upkeep: idle sessions, stale reservations, the memory outbox, old transcripts."""
+"""Scheduled jobs: reminders, idle sessions, stale reservations, the memory outbox, old transcripts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from storage.models import utcnow
 from storage.repositories import Inbox, Messages, Sessions
 
 if TYPE_CHECKING:
-    from graph.agent import Agent
+    from graph.agent import Agent, ReminderView
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ INBOX_JOB = "forget-old-updates"
 INBOX_EVERY = dt.timedelta(hours=1)
 # Telegram keeps an unconfirmed update for 24 h: ids younger than that must still be recognised.
 INBOX_KEEP = dt.timedelta(hours=48)
+REMINDER_JOB = "send-due-reminders"
+REMINDERS_EVERY = dt.timedelta(seconds=15)
+
+# Sends one reminder to its chat; True when it is done with (sent, or the chat is gone for
+# good), False to try again at the next run (Telegram unreachable). handlers/reminders.py.
+Notify = Callable[["ReminderView"], Awaitable[bool]]
 
 
 # --- the jobs -------------------------------------------------------------------------------
@@ -109,6 +115,22 @@ async def purge_old_transcripts(
     return removed
 
 
+async def send_due_reminders(agent: Agent, notify: Notify, now: dt.datetime | None = None) -> int:
+    """Send the reminders due by `now`, each once: a reminder is claimed in the database before
+    it is sent (two processes never both claim it) and marked sent after; one whose sending
+    failed waits for the next run. Returns how many were sent."""
+    sent = 0
+    for reminder in await agent.claim_due_reminders(now):
+        try:
+            done = await notify(reminder)
+        except Exception as exc:
+            log.warning("reminder not sent: %s", type(exc).__name__)
+            done = False
+        await agent.reminder_sent(reminder.id, done, now)
+        sent += done
+    return sent
+
+
 async def forget_old_updates(agent: Agent, now: dt.datetime | None = None) -> int:
     """Drop processed update ids older than any redelivery Telegram could still make."""
     async with agent.services.sessions() as db:
@@ -153,7 +175,8 @@ async def run_guarded(
 
 
 def build_scheduler(
-    agent: Agent, *, retention_days: int | None = None, claims: JobClaims | None = None
+    agent: Agent, *, retention_days: int | None = None, claims: JobClaims | None = None,
+    notify: Notify | None = None,
 ) -> AsyncIOScheduler:
     """The upkeep scheduler with every job registered; start it inside the running loop."""
     scheduler = AsyncIOScheduler(
@@ -161,13 +184,13 @@ def build_scheduler(
         timezone=dt.UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60},
     )
-    register_jobs(scheduler, agent, retention_days=retention_days, claims=claims)
+    register_jobs(scheduler, agent, retention_days=retention_days, claims=claims, notify=notify)
     return scheduler
 
 
 def register_jobs(
     scheduler: AsyncIOScheduler, agent: Agent, *, retention_days: int | None = None,
-    claims: JobClaims | None = None,
+    claims: JobClaims | None = None, notify: Notify | None = None,
 ) -> list[str]:
     """(Re-)register the jobs under fixed ids: calling it again replaces, never duplicates.
 
@@ -187,6 +210,8 @@ def register_jobs(
     memory = agent.services.memory
     if getattr(memory, "has_outbox", False):
         jobs.append((OUTBOX_JOB, OUTBOX_EVERY, retry_memory_outbox, (memory,), True))
+    if notify is not None:  # a front end that can reach users (not the console)
+        jobs.append((REMINDER_JOB, REMINDERS_EVERY, send_due_reminders, (agent, notify), True))
     if retention_days:
         jobs.append((PURGE_JOB, PURGE_EVERY, purge_old_transcripts, (agent, retention_days), False))
     for job_id, every, func, args, at_start in jobs:

@@ -1,8 +1,8 @@
 """The message path's SQL as prebuilt Core statements, run on a synchronous Connection.
 
-Why not the ORM here: a message runs ~15 statements, and through the ORM each one costs
-~0.5 ms of CPU (statement construction, cache-key generation, the ORM's bulk-DML layer, one
-greenlet hop per statement). These statements are built once per dialect and take their values
+Why not the ORM here: a message runs ~15 statements, and through the ORM each one costs far
+more CPU than the statement (the ORM's bulk-DML layer, one greenlet hop per statement). These
+statements are built once per dialect (bench/README.md, "Speed tricks", prices that) and take their values
 as parameters; a transaction runs them all inside one `AsyncSession.run_sync` call
 (storage/turns.py), so the message path pays one greenlet hop per transaction.
 

@@ -21,6 +21,7 @@ from storage.models import (
     MemoryOutbox,
     MemoryRecord,
     Message,
+    Reminder,
     Reservation,
     Trace,
     UsageDay,
@@ -96,6 +97,13 @@ def _memory_write(row: MemoryOutbox) -> dict[str, Any]:
     }
 
 
+def _reminder(row: Reminder) -> dict[str, Any]:
+    return {
+        "id": row.id, "chat_id": row.chat_id, "text": row.text, "due_at": _iso(row.due_at),
+        "status": row.status, "created_at": _iso(row.created_at), "sent_at": _iso(row.sent_at),
+    }
+
+
 @dataclass(frozen=True)
 class UserTable:
     """A table holding a user's rows: where they go in the export, and how each row reads."""
@@ -125,6 +133,7 @@ USER_TABLES: tuple[UserTable, ...] = (
     UserTable(Reservation, "reservations", _reservation, "created_at"),
     UserTable(UsageDay, "usage", _usage, "day"),
     UserTable(InboxUpdate, "telegram_updates", _inbox, "received_at"),
+    UserTable(Reminder, "reminders", _reminder, "due_at"),
     UserTable(ChatSession, "sessions", _session, "id"),
     UserTable(User, "user", lambda row: {}, "id"),
 )
@@ -156,7 +165,7 @@ async def export_user(db: AsyncSession, user_id: int) -> dict[str, Any]:
             "telegram_id": user.id, "language": user.language, "role": user.role,
             "custom_instructions": user.instructions,
             "private_data_in_groups": user.private_data_in_groups,
-            "created_at": _iso(user.created_at),
+            "timezone": user.timezone, "created_at": _iso(user.created_at),
         },
         **sections,
     }

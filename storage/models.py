@@ -92,6 +92,8 @@ class User(Base):
     private_data_in_groups: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=false()
     )
+    # An IANA name ("Europe/Berlin"): the times a user says ("tomorrow at 9") are read in it.
+    timezone: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -238,6 +240,27 @@ class InboxUpdate(Base):
     state: Mapped[str] = mapped_column(String(8), default="new")  # new | done
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Reminder(Base):
+    """Something to tell a user at a time: made by the assistant's tool, sent by the scheduler."""
+
+    __tablename__ = "reminders"
+    __table_args__ = (
+        Index("ix_reminders_due", "status", "due_at"),
+        Index("ix_reminders_user", "user_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"))
+    chat_id: Mapped[int] = mapped_column(BigInteger)  # where it was asked for, and is sent
+    text: Mapped[str] = mapped_column(EncryptedText)
+    due_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # pending -> sending (claimed by one process) -> sent; or cancelled by the user.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class MemoryOutbox(Base):

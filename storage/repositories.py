@@ -17,6 +17,7 @@ from storage.models import (
     InboxUpdate,
     MemoryRecord,
     Message,
+    Reminder,
     Reservation,
     Trace,
     UsageDay,
@@ -24,8 +25,8 @@ from storage.models import (
     utcnow,
 )
 
-__all__ = ["Budget", "Inbox", "Memories", "Messages", "OverBudget", "Reserved", "Sessions",
-           "Traces", "Users", "next_reset", "utc_day"]
+__all__ = ["Budget", "Inbox", "Memories", "Messages", "OverBudget", "Reminders", "Reserved",
+           "Sessions", "Traces", "Users", "next_reset", "utc_day"]
 
 T = TypeVar("T")
 
@@ -75,6 +76,9 @@ class Users:
         await self.db.execute(
             update(User).where(User.id == user_id).values(private_data_in_groups=allowed)
         )
+
+    async def set_timezone(self, user_id: int, timezone: str | None) -> None:
+        await self.db.execute(update(User).where(User.id == user_id).values(timezone=timezone))
 
     async def set_instructions(self, user_id: int, instructions: str | None) -> None:
         await self.db.execute(
@@ -301,6 +305,93 @@ class Memories:
     async def delete_for(self, user_id: int) -> int:
         result = await self.db.execute(delete(MemoryRecord).where(MemoryRecord.user_id == user_id))
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+class Reminders:
+    """A user's reminders. Every method that takes a user_id only ever touches that user's rows."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def add(
+        self, user_id: int, chat_id: int, text: str, due_at: dt.datetime, *, most_pending: int
+    ) -> Reminder | None:
+        """The new reminder; None when the user already has `most_pending` waiting."""
+        waiting = await self.db.scalar(
+            select(func.count()).select_from(Reminder)
+            .where(Reminder.user_id == user_id, Reminder.status == "pending")
+        )
+        if int(waiting or 0) >= most_pending:
+            return None
+        reminder = Reminder(user_id=user_id, chat_id=chat_id, text=text, due_at=due_at)
+        self.db.add(reminder)
+        await self.db.flush()
+        return reminder
+
+    async def pending_for(self, user_id: int) -> list[Reminder]:
+        stmt = (
+            select(Reminder).where(Reminder.user_id == user_id, Reminder.status == "pending")
+            .order_by(Reminder.due_at, Reminder.id)
+        )
+        return list((await self.db.execute(stmt)).scalars())
+
+    async def cancel(self, user_id: int, reminder_id: int) -> bool:
+        """False when there is no such pending reminder of this user (another user's included)."""
+        result = await self.db.execute(
+            update(Reminder)
+            .where(Reminder.id == reminder_id, Reminder.user_id == user_id,
+                   Reminder.status == "pending")
+            .values(status="cancelled")
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def claim_due(
+        self, now: dt.datetime, *, stale_after: dt.timedelta, limit: int = 50
+    ) -> list[Reminder]:
+        """Due reminders, each claimed by this call alone (a conditional UPDATE per row), so two
+        processes never both send one. A claim older than `stale_after` (its process died before
+        marking it sent) is taken again."""
+        stmt = (
+            select(Reminder.id)
+            .where(
+                ((Reminder.status == "pending") & (Reminder.due_at <= now))
+                | ((Reminder.status == "sending") & (Reminder.claimed_at < now - stale_after))
+            )
+            .order_by(Reminder.due_at)
+            .limit(limit)
+        )
+        claimed = []
+        for reminder_id in list((await self.db.execute(stmt)).scalars()):
+            result = await self.db.execute(
+                update(Reminder)
+                .where(
+                    Reminder.id == reminder_id,
+                    ((Reminder.status == "pending") & (Reminder.due_at <= now))
+                    | ((Reminder.status == "sending") & (Reminder.claimed_at < now - stale_after)),
+                )
+                .values(status="sending", claimed_at=now)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(reminder_id)
+        if not claimed:
+            return []
+        rows = await self.db.execute(
+            select(Reminder).where(Reminder.id.in_(claimed)).execution_options(populate_existing=True)
+        )
+        return sorted(rows.scalars(), key=lambda r: (r.due_at, r.id))
+
+    async def mark_sent(self, reminder_id: int, now: dt.datetime) -> None:
+        await self.db.execute(
+            update(Reminder).where(Reminder.id == reminder_id)
+            .values(status="sent", sent_at=now, claimed_at=None)
+        )
+
+    async def release(self, reminder_id: int) -> None:
+        """Not sent (Telegram unreachable): pending again, for the next run."""
+        await self.db.execute(
+            update(Reminder).where(Reminder.id == reminder_id, Reminder.status == "sending")
+            .values(status="pending", claimed_at=None)
+        )
 
 
 class Traces:

@@ -1,7 +1,7 @@
 """SQLite on the event loop's own thread: the aiosqlite interface SQLAlchemy drives, without the thread.
 
 Why: aiosqlite hands every call to a worker thread and back, so one statement costs 3-4 thread
-hops and loop wake-ups (measured: ~0.5 ms of CPU per statement, far more than the statement).
+hops and loop wake-ups, far more CPU than the statement itself (bench/README.md, "Speed tricks").
 A statement on a local WAL database takes microseconds, so it is cheaper to run it where the
 coroutine already runs. Two things could still stall the loop, and neither happens here:
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, ForeignKey, MetaData, String, Table, select
@@ -9,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.data_rights import USER_TABLES, delete_user, export_user, uncovered_tables
 from storage.models import Base, InboxUpdate, utcnow
-from storage.repositories import Inbox, Sessions, Users
+from storage.repositories import Inbox, Reminders, Sessions, Users
 from tests.seeding import ask, reserve
 
 
@@ -23,14 +24,14 @@ def test_a_new_user_table_left_out_would_be_found() -> None:
     for table in Base.metadata.tables.values():
         table.to_metadata(metadata)
     Table(
-        "reminders", metadata,
+        "notes", metadata,
         Column("id", BigInteger, primary_key=True),
         Column("user_id", BigInteger, ForeignKey("users.id")),
         Column("text", String(100)),
     )
     Table("owned_by_fk", metadata, Column("id", BigInteger, primary_key=True),
           Column("owner", BigInteger, ForeignKey("users.id")))
-    assert uncovered_tables(metadata) == {"reminders", "owned_by_fk"}
+    assert uncovered_tables(metadata) == {"notes", "owned_by_fk"}
 
 
 async def _seed(sessions: async_sessionmaker[AsyncSession], user_id: int) -> None:
@@ -45,6 +46,9 @@ async def _seed(sessions: async_sessionmaker[AsyncSession], user_id: int) -> Non
         await reserve(db, user_id, 50, 1_000, ttl_seconds=600, now=now)
         waiting = f'{{"text": "waiting {user_id}"}}'
         await Inbox(db).store_each([(user_id * 10 + 1, user_id, user_id, waiting)])
+        await Reminders(db).add(
+            user_id, user_id, f"reminder {user_id}", now + dt.timedelta(days=1), most_pending=5
+        )
         await db.commit()
     from memory.base import MemoryItem
     from memory.local import LocalMemory
@@ -82,6 +86,7 @@ async def test_export_holds_a_row_of_every_kind_that_delete_removes(
     assert [u["update_id"] for u in document["telegram_updates"]] == [411]
     assert document["telegram_updates"][0]["update"] == '{"text": "waiting 41"}'
     assert [r["tokens"] for r in document["reservations"]] == [50]
+    assert [r["text"] for r in document["reminders"]] == ["reminder 41"]
     assert "memory 42" not in str(document) and "waiting 42" not in str(document)
 
     async with sessions() as db:

@@ -17,6 +17,7 @@ COMMANDS = (
     "start_session",
     "end_session",
     "list_sessions",
+    "reminders",
     "export_data",
     "delete_my_data",
 )

@@ -21,7 +21,27 @@ from aiohttp import web
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 
-ReplyFn = Callable[[dict[str, Any]], str | Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the fake model asks for; a str `arguments` is sent as it is."""
+
+    name: str
+    arguments: dict[str, Any] | str = field(default_factory=dict)
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """A reply that calls tools (after `text`, if any), with finish_reason "tool_calls"."""
+
+    calls: tuple[ToolCall, ...]
+    text: str = ""
+
+
+Reply = str | ToolCalls
+ReplyFn = Callable[[dict[str, Any]], Reply | Awaitable[Reply]]
 
 CHAT_FAULTS = frozenset(
     {"rate_limit", "insufficient_quota", "server_error", "auth", "hang", "cut_stream", "no_usage"}
@@ -110,8 +130,8 @@ class FakeOpenAI:
     """Fake OpenAI-compatible server on 127.0.0.1:<random port>. Use `async with FakeOpenAI()`.
 
     Knobs (all plain attributes, change them any time):
-      reply             str | (request_json) -> str (or awaitable str); default "Answer #N",
-                        N = number of chat requests so far
+      reply             str | ToolCalls | (request_json) -> either (or awaitable); default
+                        "Answer #N", N = number of chat requests so far
       usage_override    dict merged into every chat usage, e.g. {"prompt_tokens": 100}
       first_token_delay seconds before the first content chunk (non-stream: before the reply)
       chunk_delay       seconds between content chunks
@@ -122,14 +142,14 @@ class FakeOpenAI:
     def __init__(
         self,
         *,
-        reply: str | ReplyFn | None = None,
+        reply: Reply | ReplyFn | None = None,
         dims: int = 256,
         first_token_delay: float = 0.0,
         chunk_delay: float = 0.0,
         usage_override: dict[str, int] | None = None,
         models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small"),
     ) -> None:
-        self.reply: str | ReplyFn | None = reply
+        self.reply: Reply | ReplyFn | None = reply
         self.dims = dims
         # Some OpenAI-compatible servers ignore encoding_format and always send JSON floats.
         self.embeddings_as_floats = False
@@ -287,13 +307,16 @@ class FakeOpenAI:
         if fault is not None and fault.kind not in ("cut_stream", "no_usage"):
             return await self._error_fault(request, fault, body)
 
-        text = await self._reply_text(body, number)
+        reply = await self._reply(body, number)
+        calls = _wire_calls(reply, number) if isinstance(reply, ToolCalls) else []
+        text = reply.text if isinstance(reply, ToolCalls) else reply
         chunks = _CHUNK_RE.findall(text)
-        finish_reason = "stop"
+        finish_reason = "tool_calls" if calls else "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and len(chunks) > limit:
-            chunks, finish_reason = chunks[:limit], "length"
-        usage = self._chat_usage(body, len(chunks))
+            chunks, finish_reason, calls = chunks[:limit], "length", []
+        call_tokens = sum(len(_CHUNK_RE.findall(c["function"]["arguments"])) + 1 for c in calls)
+        usage = self._chat_usage(body, len(chunks) + call_tokens)
         model = body.get("model", "gpt-4o-mini")
         completion_id = f"chatcmpl-fake{number}"
 
@@ -316,8 +339,9 @@ class FakeOpenAI:
                         "index": 0,
                         "message": {
                             "role": "assistant",
-                            "content": "".join(chunks),
+                            "content": "".join(chunks) if chunks or not calls else None,
                             "refusal": None,
+                            **({"tool_calls": calls} if calls else {}),
                         },
                         "logprobs": None,
                         "finish_reason": finish_reason,
@@ -328,7 +352,7 @@ class FakeOpenAI:
                 payload["usage"] = usage
             return web.json_response(payload)
         return await self._stream(request, body, fault, chunks, finish_reason, usage,
-                                  completion_id)
+                                  completion_id, calls)
 
     async def _stream(
         self,
@@ -339,6 +363,7 @@ class FakeOpenAI:
         finish_reason: str,
         usage: dict[str, Any],
         completion_id: str,
+        calls: list[dict[str, Any]],
     ) -> web.StreamResponse:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         created = int(time.time())
@@ -373,6 +398,17 @@ class FakeOpenAI:
                 break
             await self._sleep(request, self.first_token_delay if i == 0 else self.chunk_delay)
             await response.write(event(delta({"content": chunk})))
+        for index, call in enumerate(calls):
+            # As the API streams them: the id and name first, the arguments in pieces.
+            await response.write(event(delta({"tool_calls": [{
+                "index": index, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }]})))
+            arguments = call["function"]["arguments"]
+            for piece in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+                await response.write(event(delta({"tool_calls": [{
+                    "index": index, "function": {"arguments": piece},
+                }]})))
         if cut_after is not None:
             # Mid-body abort: no finish chunk, no usage, no [DONE], and the chunked encoding
             # is left incomplete, like a dropped upstream connection.
@@ -435,15 +471,15 @@ class FakeOpenAI:
 
     # ----------------------------------------------------------------- internals
 
-    async def _reply_text(self, body: dict[str, Any], number: int) -> str:
+    async def _reply(self, body: dict[str, Any], number: int) -> Reply:
         if self.reply is None:
             return f"Answer #{number}"
         if callable(self.reply):
-            text = self.reply(body)
+            reply = self.reply(body)
             # An async reply function lets a test block or inspect state per request.
-            if inspect.isawaitable(text):
-                text = await text
-            return str(text)
+            if inspect.isawaitable(reply):
+                reply = await reply
+            return reply if isinstance(reply, ToolCalls) else str(reply)
         return self.reply
 
     def _chat_usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
@@ -519,6 +555,21 @@ class FakeOpenAI:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+
+def _wire_calls(reply: ToolCalls, number: int) -> list[dict[str, Any]]:
+    """The calls as the API's message.tool_calls list (ids made up when the test gave none)."""
+    return [
+        {
+            "id": call.id or f"call_{number}_{index}", "type": "function",
+            "function": {
+                "name": call.name,
+                "arguments": call.arguments if isinstance(call.arguments, str)
+                else json.dumps(call.arguments),
+            },
+        }
+        for index, call in enumerate(reply.calls)
+    ]
 
 
 def _error(
