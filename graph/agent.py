@@ -18,7 +18,6 @@ from graph.context import Services, SummaryContext, TurnContext
 from graph.nodes import ModelStarted
 from graph.roles import Role
 from graph.tokens import count_tokens
-from graph.tools import ToolScope, schemas, tools_for
 from graph.tracing import RunTrace, TraceLog
 from memory.base import MemoryScope
 from storage.data_rights import DeletionReceipt, delete_user, export_user
@@ -321,9 +320,6 @@ class Agent:
             yield Resumed()
         trace = RunTrace("turn", user_id, stored.session_id)
         scope = MemoryScope.for_chat(user_id, chat_id, stored.private_in_groups)
-        # Tools act on the user's private things (reminders): only in their private chat.
-        tools = tuple(tools_for(role.tools, ToolScope(user_id, chat_id, self.services.sessions))
-                      if chat_id == user_id else ())
         run = TurnRun()
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id,
@@ -332,7 +328,8 @@ class Agent:
             instructions=stored.instructions if scope.with_private else None,
             memory_scope=scope,
             history=stored.history, trace=trace,
-            tools=tools, tool_schemas=tuple(schemas(list(tools))), on_delta=run.push,
+            # Tools act on the user's private things (reminders): only in their private chat.
+            tool_names=role.tools if chat_id == user_id else (), on_delta=run.push,
         )
         run.start(self.turn_graph, text, context)
         try:

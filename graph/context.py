@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.tools import BaseTool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graph.model import ModelGateway
@@ -49,9 +48,8 @@ class TurnContext:
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
-    # The role's tools, bound to this user (graph/tools.py), and their schemas for the model.
-    tools: tuple[BaseTool, ...] = ()
-    tool_schemas: tuple[dict[str, Any], ...] = ()
+    # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
+    tool_names: tuple[str, ...] = ()
     # Where the model's deltas go as they arrive (the agent's TurnRun); by default nowhere.
     on_delta: Callable[[Any], None] = _nowhere
 

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -21,6 +22,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from graph.tokens import count_tokens
 from storage.models import utcnow
 from storage.repositories import Reminders, Users
 
@@ -155,9 +157,19 @@ def tools_for(names: tuple[str, ...], scope: ToolScope) -> list[BaseTool]:
     return [tool for name in names for tool in TOOL_SETS[name](scope)]
 
 
-def schemas(tools: list[BaseTool]) -> list[dict[str, Any]]:
-    """The tools as the provider's `tools` parameter (JSON Schema from the argument models)."""
-    return [convert_to_openai_tool(tool) for tool in tools]
+@cache
+def schemas_for(names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    """The tool sets as the provider's `tools` parameter (JSON Schema from the argument models),
+    built once: they do not depend on whom the tools act for, and a turn that calls no tool
+    builds no tool at all (graph/nodes.py run_tools binds them to the user when called)."""
+    unbound = ToolScope(0, 0, async_sessionmaker())
+    return tuple(convert_to_openai_tool(tool) for tool in tools_for(names, unbound))
+
+
+@cache
+def schema_tokens(names: tuple[str, ...], model: str) -> int:
+    """What the schemas add to every prompt that offers them."""
+    return count_tokens(json.dumps(schemas_for(names)), model) if names else 0
 
 
 async def run_tool(tools: list[BaseTool], name: str, call_id: str, arguments: str) -> ToolOutcome:
