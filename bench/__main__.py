@@ -16,7 +16,7 @@ from bench import NAMES
 # Paths only: importing bench.common would load the whole app into this launcher.
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT = NAMES  # no benchmark is opt-in any more: the experiments are gone
+DEFAULT = NAMES
 USAGE = f"""usage: python -m bench [NAME ...] [-- ARGS for each NAME]
        python -m bench compare REV_A REV_B [--rounds N] -- NAME [ARGS ...]
 

@@ -20,6 +20,7 @@ from graph.roles import Role
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import MemoryScope
+from storage.core import Reserved
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, Message, Reminder, User, utcnow
 from storage.repositories import Budget, Messages, Reminders, Sessions, Users
@@ -142,13 +143,12 @@ class Profile:
 
 
 class TurnRun:
-    """One run of the turn graph in its own task: the state from LangGraph's "updates" stream,
-    the answer's deltas from the context's `on_delta` sink.
+    """One run of the turn graph in its own task, and what it reports as it goes (the context's
+    `report`): its reservation, the model's start, the answer's deltas.
 
-    The state is what the nodes wrote, merged in order (no channel of TurnState has a reducer);
-    it is kept, so a run cancelled midway can settle what it reserved. The deltas do not go
-    through LangGraph's custom stream: one stream event per token cost the bot about a third
-    more CPU per answer and made 1,000 users at once wait that much longer (bench/README.md).
+    The reservation lives in the graph's state; it is reported too, so that a run cancelled
+    midway (shutdown) can settle it. The deltas do not go through LangGraph's stream: one
+    stream event per token cost the bot about a third more CPU per answer (bench/README.md).
     They are handed to the front end in batches: it takes all that arrived since it last
     looked in one piece, so a fast stream costs a few wake-ups, not one per token, and a slow
     one still shows each token as it comes.
@@ -156,27 +156,28 @@ class TurnRun:
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.reservation: Reserved | None = None
         self.model_started = False
         self._parts: list[str] = []
         self._wake: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
     def start(self, graph: Any, text: str, context: TurnContext) -> None:
-        self.task = asyncio.create_task(self._read(graph, text, context))
+        self.task = asyncio.create_task(self._run(graph, text, context))
         self.task.add_done_callback(self._signal)
 
-    def push(self, chunk: str | ModelStarted) -> None:
-        """The context's delta sink (graph/nodes.py call_model)."""
-        if isinstance(chunk, ModelStarted):
+    def report(self, event: str | Reserved | ModelStarted) -> None:
+        """The context's `report` (graph/nodes.py reserve_budget and call_model)."""
+        if isinstance(event, Reserved):
+            self.reservation, self.model_started = event, False
+        elif isinstance(event, ModelStarted):
             self.model_started = True
         else:
-            self._parts.append(chunk)
+            self._parts.append(event)
             self._signal()
 
-    async def _read(self, graph: Any, text: str, context: TurnContext) -> None:
-        async for update in graph.astream({"text": text}, context=context, stream_mode="updates"):
-            for written in update.values():
-                self.state.update(written or {})
+    async def _run(self, graph: Any, text: str, context: TurnContext) -> None:
+        self.state = await graph.ainvoke({"text": text}, context=context)
 
     def _signal(self, *_: object) -> None:
         if self._wake is not None and not self._wake.done():
@@ -329,7 +330,7 @@ class Agent:
             memory_scope=scope,
             history=stored.history, trace=trace,
             # Tools act on the user's private things (reminders): only in their private chat.
-            tool_names=role.tools if chat_id == user_id else (), on_delta=run.push,
+            tool_names=role.tools if chat_id == user_id else (), report=run.report,
         )
         run.start(self.turn_graph, text, context)
         try:
@@ -409,12 +410,11 @@ class Agent:
 
     async def _settle_abandoned(self, run: TurnRun) -> None:
         """A run cut off before its answer was kept: release its reservation, or charge it all
-        when the provider may already bill it (settling twice charges once)."""
-        reservation = run.state.get("reservation")
-        if reservation is None or run.state.get("outcome") is not None:
+        when the provider may already bill it (a reservation settled before is charged once)."""
+        if run.reservation is None:
             return
         async with self.services.sessions() as db:
-            await Budget(db).settle(reservation.id, None if run.model_started else 0)
+            await Budget(db).settle(run.reservation.id, None if run.model_started else 0)
             await db.commit()
 
     @staticmethod

@@ -50,8 +50,9 @@ class TurnContext:
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
     # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
     tool_names: tuple[str, ...] = ()
-    # Where the model's deltas go as they arrive (the agent's TurnRun); by default nowhere.
-    on_delta: Callable[[Any], None] = _nowhere
+    # Where the run reports as it goes (the agent's TurnRun): each reservation as it is made,
+    # the model's start, the answer's deltas. By default nowhere.
+    report: Callable[[Any], None] = _nowhere
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def _fit_history(rows: list[HistoryEntry], room: int, model: str) -> tuple[list[
 
 
 class ModelStarted:
-    """Sent to the delta sink when the provider is called (the deltas that follow are str)."""
+    """Reported when the provider is called (the deltas reported after it are str)."""
 
 
 MODEL_STARTED = ModelStarted()
@@ -205,6 +205,7 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
         outcome, max_tokens = await turns.reserve(db, ask, size)
     if isinstance(outcome, OverBudget):
         return {"refusal": outcome, "reservation": None}
+    ctx.report(outcome)  # a run cut off from here on settles it (graph/agent.py)
     return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
 
 
@@ -222,7 +223,7 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
     ctx = runtime.context
     model = ctx.role.model or ctx.services.settings.chat_model
     ctx.trace.model = model
-    write = ctx.on_delta
+    write = ctx.report
     # The agent learns the provider may now bill the reservation (a cancelled run settles
     # accordingly), then reads the answer as it comes.
     write(MODEL_STARTED)
