@@ -75,6 +75,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
     from graph.context import Services
     from graph.model import ModelGateway
     from graph.roles import RoleRegistry
+    from graph.tools import ToolBox
     from storage import crypto
     from storage.db import create_engine, migrate, session_maker
     from storage.rotation import check_keys
@@ -115,6 +116,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         )
         services = Services(
             settings=settings, sessions=sessions, roles=roles, memory=memory, models=models,
+            tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
         )
         try:
             agent = Agent(services)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +44,11 @@ class Settings(BaseSettings):
     model_max_attempts: int = Field(3, ge=1, le=10)
     model_retry_base_delay: float = Field(0.5, ge=0)
     context_window: int = Field(128_000, ge=1_000)
+    # MCP servers a role may use (`tools: [mcp:NAME]` in its file), as JSON: {"NAME": {"transport":
+    # "stdio", "command": ..., "args": [...]} | {"transport": "streamable_http", "url": ...}}.
+    # Secret: a server's headers may carry a token.
+    mcp_servers: SecretStr | None = None
+    tool_timeout: float = Field(10.0, gt=0, le=300)  # seconds one tool call may take
 
     pinecone_api_key: SecretStr | None = None
     pinecone_index: str | None = None
@@ -94,6 +101,16 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_ids(cls, value: object) -> frozenset[int]:
         return _id_set(value)
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _check_mcp_servers(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            mcp_connections(value.get_secret_value())  # raises a clear error when malformed
+        return value
+
+    def mcp_connections(self) -> dict[str, dict[str, Any]]:
+        return {} if self.mcp_servers is None else mcp_connections(self.mcp_servers.get_secret_value())
 
     @field_validator("telegram_token")
     @classmethod
@@ -191,6 +208,29 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr) and len(value.get_secret_value()) >= 6:
                 secrets.append(value.get_secret_value())
         return secrets
+
+
+_SERVER_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def mcp_connections(raw: str) -> dict[str, dict[str, Any]]:
+    """MCP_SERVERS read: names as in role files, each with a stdio or streamable_http transport."""
+    try:
+        servers = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise ValueError("expected JSON: {\"NAME\": {\"transport\": \"stdio\", ...}}") from None
+    if not isinstance(servers, dict):
+        raise ValueError("expected a JSON object of server names")
+    for name, connection in servers.items():
+        if not _SERVER_NAME.fullmatch(name):
+            raise ValueError(f"server name {name[:40]!r}: use a-z, 0-9, _ or -, at most 32")
+        transport = connection.get("transport") if isinstance(connection, dict) else None
+        needs = {"stdio": "command", "streamable_http": "url"}.get(str(transport))
+        if needs is None or not connection.get(needs):
+            raise ValueError(
+                f"server {name!r}: needs transport stdio (with command) or streamable_http (with url)"
+            )
+    return servers
 
 
 def _async_driver(url: str) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graph.model import ModelGateway
 from graph.roles import Role, RoleRegistry
+from graph.tools import ToolBox
 from graph.tracing import RunTrace
 from memory.base import PRIVATE, MemoryScope, MemoryStore
 from settings import Settings
@@ -25,6 +26,7 @@ class Services:
     roles: RoleRegistry
     memory: MemoryStore
     models: ModelGateway
+    tools: ToolBox = field(default_factory=ToolBox)
 
 
 def _nowhere(_: Any) -> None:

@@ -159,8 +159,9 @@ class FrontMatter(BaseModel):
     max_output_tokens: Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS_LIMIT, strict=True)] = (
         DEFAULT_MAX_OUTPUT_TOKENS
     )
-    # Built-in tool sets the role may call (graph/tools.py TOOL_SETS).
-    tools: tuple[Literal["reminders"], ...] = ()
+    # Tool sets the role may call: built-in ones (graph/tools.py TOOL_SETS) and MCP servers
+    # configured in MCP_SERVERS, as mcp:NAME.
+    tools: tuple[Annotated[str, StringConstraints(pattern=r"^(reminders|mcp:[a-z0-9_-]{1,32})$")], ...] = ()
 
 
 def _problems(exc: ValidationError) -> str:

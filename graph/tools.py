@@ -1,4 +1,4 @@
-"""Tools a role agent may call: the built-in reminders.
+"""Tools a role agent may call: the built-in reminders, and tools of MCP servers.
 
 Least privilege (OWASP LLM06): a tool acts only for the user being answered. The user and the
 chat come from the run's context, bound when a turn's tools are made (`tools_for`), never from
@@ -12,13 +12,17 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_mcp_adapters.client import MultiServerMCPClient
+from langchain_mcp_adapters.sessions import Connection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -29,7 +33,7 @@ from storage.repositories import Reminders, Users
 log = logging.getLogger(__name__)
 
 MAX_TOOL_ROUNDS = 4  # model calls that may ask for tools in one turn; the next one must answer
-TOOL_TIMEOUT = 10.0  # seconds one tool call may take before the model is told it failed
+TOOL_TIMEOUT = 10.0  # seconds one tool call may take (TOOL_TIMEOUT setting) before the model is told
 MAX_PENDING_REMINDERS = 20
 MAX_REMINDER_TEXT = 500
 EARLIEST_REMINDER = dt.timedelta(seconds=30)
@@ -151,28 +155,106 @@ def reminder_tools(scope: ToolScope) -> list[BaseTool]:
 
 
 TOOL_SETS = {"reminders": reminder_tools}
+MCP_PREFIX = "mcp:"  # a role's `tools: [mcp:NAME]` names a server of MCP_SERVERS
 
 
 def tools_for(names: tuple[str, ...], scope: ToolScope) -> list[BaseTool]:
-    return [tool for name in names for tool in TOOL_SETS[name](scope)]
+    """The built-in tool sets among `names`, bound to `scope`'s user."""
+    return [tool for name in names if name in TOOL_SETS for tool in TOOL_SETS[name](scope)]
+
+
+class McpServers:
+    """The tools of the operator's MCP servers (MCP_SERVERS), through langchain-mcp-adapters.
+
+    A server's tool list is fetched on first use and kept; a server that cannot be reached only
+    takes its own tools away (the bot answers without them) and is asked again at most every
+    RETRY_EVERY seconds. Tool names carry the server's name (`calc_add`), so two servers, or a
+    server and a built-in tool, never collide. MCP tools get no user id: they act on what the
+    model passes them, within the tool timeout, like every tool call.
+    """
+
+    RETRY_EVERY = 60.0
+
+    def __init__(self, connections: dict[str, dict[str, Any]], timeout: float) -> None:
+        self.names = frozenset(connections)
+        self.timeout = timeout
+        self._client = MultiServerMCPClient(
+            cast("dict[str, Connection]", connections), tool_name_prefix=True
+        )
+        self._tools: dict[str, list[BaseTool]] = {}
+        self._schemas: dict[str, tuple[dict[str, Any], ...]] = {}
+        self._failed_at: dict[str, float] = {}
+
+    async def tools(self, server: str) -> list[BaseTool]:
+        if server in self._tools or server not in self.names:
+            return self._tools.get(server, [])
+        if time.monotonic() - self._failed_at.get(server, -math.inf) < self.RETRY_EVERY:
+            return []
+        try:
+            tools = await asyncio.wait_for(self._client.get_tools(server_name=server), self.timeout)
+        except Exception as exc:
+            self._failed_at[server] = time.monotonic()
+            log.warning("MCP server %s unavailable: %s", server, type(exc).__name__)
+            return []
+        self._tools[server] = tools
+        self._schemas[server] = tuple(convert_to_openai_tool(tool) for tool in tools)
+        log.info("MCP server %s: %d tool(s)", server, len(tools))
+        return tools
+
+    async def schemas(self, server: str) -> tuple[dict[str, Any], ...]:
+        await self.tools(server)
+        return self._schemas.get(server, ())
+
+
+class ToolBox:
+    """Every tool set a role may name: the built-in ones, and the MCP servers configured."""
+
+    def __init__(self, mcp: McpServers | None = None) -> None:
+        self.mcp = mcp
+
+    @classmethod
+    def from_settings(cls, connections: dict[str, dict[str, Any]], timeout: float) -> ToolBox:
+        return cls(McpServers(connections, timeout) if connections else None)
+
+    async def schemas(self, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+        offered = list(schemas_for(tuple(n for n in names if n in TOOL_SETS)))
+        for server in self._servers(names):
+            offered.extend(await self.mcp.schemas(server) if self.mcp else ())
+        return tuple(offered)
+
+    async def bound(self, names: tuple[str, ...], scope: ToolScope) -> list[BaseTool]:
+        tools = tools_for(names, scope)
+        for server in self._servers(names):
+            tools.extend(await self.mcp.tools(server) if self.mcp else ())
+        return tools
+
+    @staticmethod
+    def _servers(names: tuple[str, ...]) -> list[str]:
+        return [n.removeprefix(MCP_PREFIX) for n in names if n.startswith(MCP_PREFIX)]
 
 
 @cache
 def schemas_for(names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
-    """The tool sets as the provider's `tools` parameter (JSON Schema from the argument models),
-    built once: they do not depend on whom the tools act for, and a turn that calls no tool
-    builds no tool at all (graph/nodes.py run_tools binds them to the user when called)."""
+    """Built-in tool sets as the provider's `tools` parameter (JSON Schema from the argument
+    models), built once: they do not depend on whom the tools act for, and a turn that calls no
+    tool builds no tool at all (graph/nodes.py run_tools binds them to the user when called)."""
     unbound = ToolScope(0, 0, async_sessionmaker())
     return tuple(convert_to_openai_tool(tool) for tool in tools_for(names, unbound))
 
 
 @cache
-def schema_tokens(names: tuple[str, ...], model: str) -> int:
+def _tokens_of(schemas_json: str, model: str) -> int:
+    return count_tokens(schemas_json, model)
+
+
+def schema_tokens(schemas: tuple[dict[str, Any], ...], model: str) -> int:
     """What the schemas add to every prompt that offers them."""
-    return count_tokens(json.dumps(schemas_for(names)), model) if names else 0
+    return _tokens_of(json.dumps(schemas), model) if schemas else 0
 
 
-async def run_tool(tools: list[BaseTool], name: str, call_id: str, arguments: str) -> ToolOutcome:
+async def run_tool(
+    tools: list[BaseTool], name: str, call_id: str, arguments: str, timeout: float = TOOL_TIMEOUT
+) -> ToolOutcome:
     """One call the model asked for, validated and bounded in time; never raises."""
     tool = next((t for t in tools if t.name == name), None)
     if tool is None:
@@ -184,7 +266,7 @@ async def run_tool(tools: list[BaseTool], name: str, call_id: str, arguments: st
     except ValueError:
         return ToolOutcome(name, call_id, "error: the arguments were not a JSON object", False)
     try:
-        result = await asyncio.wait_for(tool.ainvoke(args), TOOL_TIMEOUT)
+        result = await asyncio.wait_for(tool.ainvoke(args), timeout)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
@@ -194,7 +276,7 @@ async def run_tool(tools: list[BaseTool], name: str, call_id: str, arguments: st
     except ToolRefused as exc:
         return ToolOutcome(name, call_id, f"error: {exc}", False)
     except TimeoutError:
-        return ToolOutcome(name, call_id, f"error: the tool did not answer in {TOOL_TIMEOUT:.0f} s", False)
+        return ToolOutcome(name, call_id, f"error: the tool did not answer in {timeout:g} s", False)
     except Exception as exc:
         log.warning("tool %s failed: %s", name, type(exc).__name__)
         failed = "error: the tool failed; tell the user it is not available now"

@@ -179,6 +179,7 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
     from graph.context import Services
     from graph.model import ModelGateway
     from graph.roles import RoleRegistry
+    from graph.tools import ToolBox
     from memory.local import LocalMemory
 
     models = ModelGateway(
@@ -190,6 +191,7 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
         settings=settings, sessions=sessions,
         roles=RoleRegistry(settings.prompts_dir, check_interval=0),
         memory=LocalMemory(sessions), models=models,
+        tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
     )
     return Agent(services)
 
