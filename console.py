@@ -6,7 +6,7 @@ import asyncio
 import sys
 from typing import TextIO
 
-from graph.agent import Agent, Answer, Delta, Duplicate, Failure, Refusal, SessionStarted
+from graph.agent import Agent, Answer, Delta, Duplicate, Failure, Refusal, Routed, SessionStarted
 from storage.repositories import Traces
 
 # The console speaks as one local user; its id cannot collide with Telegram's (always > 0).
@@ -15,7 +15,7 @@ CONSOLE_CHAT_ID = -1
 
 HELP = """commands:
   /roles                 list the roles (from prompts/)
-  /role NAME             switch role
+  /role NAME             switch role (auto: the best-suited role answers each session)
   /instructions TEXT     set your own instructions (/instructions with no text clears them)
   /start_session [TITLE] end the current session (with its summary) and start a new one
   /end_session           end the session and show its summary
@@ -63,6 +63,8 @@ async def _chat(agent: Agent, text: str, out: TextIO) -> None:
     ):
         if isinstance(event, SessionStarted):
             out.write(f"(session {event.session_id} started)\n")
+        elif isinstance(event, Routed):
+            out.write(f"(Auto: {event.role.label('en')} answers)\n")
         elif isinstance(event, Delta):
             if not speaking:
                 out.write("agent> ")

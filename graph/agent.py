@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -17,6 +18,7 @@ from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
 from graph.nodes import ModelStarted
 from graph.roles import Role
+from graph.routing import AUTO, route
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import MemoryScope
@@ -66,11 +68,18 @@ class Duplicate:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """Auto chose the role that answers this session (shown to the user with the answer)."""
+
+    role: Role
+
+
+@dataclass(frozen=True)
 class Resumed:
     """A message a crash left unanswered is being answered now."""
 
 
-TurnEvent = SessionStarted | Resumed | Delta | Answer | Refusal | Failure | Duplicate
+TurnEvent = SessionStarted | Routed | Resumed | Delta | Answer | Refusal | Failure | Duplicate
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,16 @@ class ReminderView:
     def local_due(self) -> str:
         zone = ZoneInfo(self.timezone) if self.timezone else dt.UTC
         return f"{self.due_at.astimezone(zone):%Y-%m-%d %H:%M}" + ("" if self.timezone else " UTC")
+
+
+# "Auto" as the menus show it; never given to the graph (a session is routed to a real role).
+AUTO_ROLE = Role(
+    id=AUTO, title={"en": "Auto", "ru": "Авто"},
+    description={"en": "The best-suited role answers each new session.",
+                 "ru": "Каждую новую сессию ведёт самая подходящая роль."},
+    button={"en": "🧭 Auto", "ru": "🧭 Авто"}, model=None, temperature=0.0, max_output_tokens=1,
+    system_prompt="", path=Path(),
+)
 
 
 # A claimed reminder whose process died before sending it is taken again after this long.
@@ -233,7 +252,11 @@ class Agent:
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
             await db.commit()
-        return Profile(UserView.of(user), self.role_for(user.role))
+        return Profile(UserView.of(user), AUTO_ROLE if user.role == AUTO else self.role_for(user.role))
+
+    def _session_role(self, user_role: str | None) -> str:
+        """The role a new session opens with: the user's, or "auto" until its first message."""
+        return AUTO if user_role == AUTO else self.role_for(user_role).id
 
     def role_for(self, role_id: str | None) -> Role:
         roles = self.services.roles
@@ -245,7 +268,8 @@ class Agent:
         return role
 
     async def set_role(self, user_id: int, role_id: str) -> Role | None:
-        role = self.services.roles.get(role_id)
+        """The chosen role (AUTO_ROLE for Auto); None when no such role file exists now."""
+        role = AUTO_ROLE if role_id == AUTO else self.services.roles.get(role_id)
         if role is None:
             return None
         async with self.services.sessions() as db:
@@ -315,8 +339,17 @@ class Agent:
             yield Duplicate()
             return
         role = self.role_for(stored.session_role)
+        routed: Role | None = None
+        if stored.session_role == AUTO:  # Auto: the session's first message picks its role
+            routed, _ = await route(self.services, user_id, text)
+            role = routed or role
+            async with self.services.sessions() as db:
+                await Sessions(db).set_role(stored.session_id, role.id)
+                await db.commit()
         if stored.started:
             yield SessionStarted(stored.session_id, automatic=True, role=role)
+        if routed is not None:
+            yield Routed(routed)
         if stored.resumed:
             yield Resumed()
         trace = RunTrace("turn", user_id, stored.session_id)
@@ -375,7 +408,7 @@ class Agent:
             history_limit=settings.history_messages,
         )
         async with self.services.sessions() as db:
-            stored = await store_question(db, new, lambda role: self.role_for(role).id)
+            stored = await store_question(db, new, self._session_role)
             if stored is not None or update_id is None:
                 return stored
             # The update was stored before: a redelivery, or a crash cut its answer off.
@@ -444,7 +477,7 @@ class Agent:
         ended = await self.end_session(user_id, chat_id, reason="new_session")
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
-            session = await Sessions(db).open(user_id, chat_id, self.role_for(user.role).id, title)
+            session = await Sessions(db).open(user_id, chat_id, self._session_role(user.role), title)
             await db.commit()
         return ended, SessionView.of(session)
 

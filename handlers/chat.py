@@ -19,6 +19,7 @@ from graph.agent import (
     Failure,
     Refusal,
     Resumed,
+    Routed,
     SessionStarted,
 )
 from handlers.delivery import UNDELIVERED
@@ -119,6 +120,8 @@ async def _show(
 ) -> None:
     if isinstance(event, SessionStarted):
         await message.answer(catalog.text(lang, "session.auto_started", role=event.role.label(lang)))
+    elif isinstance(event, Routed):
+        await message.answer(catalog.text(lang, "chat.routed", role=event.role.label(lang)))
     elif isinstance(event, Resumed):
         await message.answer(catalog.text(lang, "recovery.answered"))
     elif isinstance(event, Delta):

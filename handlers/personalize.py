@@ -10,7 +10,7 @@ from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent
+from graph.agent import AUTO_ROLE, Agent
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
 
@@ -37,7 +37,7 @@ def menu_keyboard(
     agent: Agent, catalog: Catalog, lang: str | None, current: str, shared_in_groups: bool
 ) -> InlineKeyboardMarkup:
     builder = InlineKeyboardBuilder()
-    for role in agent.services.roles.roles():
+    for role in (AUTO_ROLE, *agent.services.roles.roles()):
         label = role.button_text(lang)
         if role.id == current:
             label = catalog.plain(lang, "personalize.buttons.current", label=label)

@@ -119,6 +119,11 @@ class Sessions:
         assert session is not None
         return session
 
+    async def set_role(self, session_id: int, role: str) -> None:
+        await self.db.execute(
+            update(ChatSession).where(ChatSession.id == session_id).values(role=role)
+        )
+
     async def close(
         self, session_id: int, *, summary: str | None, reason: str, title: str | None = None,
         due_at: dt.datetime | None = None,
