@@ -147,8 +147,11 @@ async def show_traces(agent: Agent, run_id: str | None, out: TextIO = sys.stdout
     )
     if trace.error:
         out.write(f"  error {trace.error}\n")
-    for index, node in enumerate(trace.nodes):
-        branch = "└─" if index == len(trace.nodes) - 1 else "├─"
-        extra = "".join(f" {k}={v}" for k, v in node.items() if k not in ("node", "start_ms", "ms"))
+    steps = [node for node in trace.nodes if "parent" not in node]
+    for node in trace.nodes:
+        # A call made inside a step (a consulted role) is drawn under that step.
+        branch = "│  └─" if "parent" in node else "└─" if node is steps[-1] else "├─"
+        hidden = ("node", "start_ms", "ms", "parent")
+        extra = "".join(f" {k}={v}" for k, v in node.items() if k not in hidden)
         timing = f"+{node['start_ms']:>8.1f} ms  {node.get('ms', 0):>8.1f} ms"
         out.write(f"  {branch} {node['node']:<16} {timing}{extra}\n")

@@ -14,6 +14,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.runtime import Runtime
 from sqlalchemy.exc import IntegrityError
 
+from graph.consult import consult_schemas, consult_tools
 from graph.context import SummaryContext, TurnContext
 from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
@@ -96,8 +97,7 @@ def padded(prompt_tokens: int) -> int:
 
 async def apply_persona(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     ctx = runtime.context
-    offered = await ctx.services.tools.schemas(ctx.tool_names)
-    prompt, tokens = build_prompt(ctx, state["text"], state.get("memories", []), offered)
+    prompt, tokens = build_prompt(ctx, state["text"], state.get("memories", []), await _offered(ctx))
     return {"prompt": prompt, "prompt_tokens": tokens}
 
 
@@ -237,7 +237,7 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
 
     # The last call a turn allows is offered no tools: it must answer in words.
     last = state.get("tool_rounds", 0) >= MAX_TOOL_ROUNDS
-    offered = () if last else await ctx.services.tools.schemas(ctx.tool_names)
+    offered = () if last else await _offered(ctx)
     result = await ctx.services.models.stream_chat(
         state["prompt"], model=model, temperature=ctx.role.temperature,
         max_tokens=state["max_tokens"], on_delta=on_delta, tools=list(offered) or None,
@@ -262,7 +262,7 @@ async def run_tools(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str
         await Budget(db).settle(reservation.id, charged)
         await db.commit()
     scope = ToolScope(ctx.user_id, ctx.chat_id, ctx.services.sessions)
-    tools = await ctx.services.tools.bound(ctx.tool_names, scope)
+    tools = [*await ctx.services.tools.bound(ctx.tool_names, scope), *consult_tools(ctx)]
     timeout = ctx.services.settings.tool_timeout
     outcomes = [await run_tool(tools, call.name, call.id, call.arguments, timeout)
                 for call in result.tool_calls]
@@ -279,11 +279,16 @@ async def run_tools(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str
     return {
         "prompt": prompt,
         "prompt_tokens": count_messages(prompt, model)
-        + schema_tokens(await ctx.services.tools.schemas(ctx.tool_names), model),
+        + schema_tokens(await _offered(ctx), model),
         "reservation": None, "result": None, "tool_rounds": rounds,
         "earlier_text": "\n\n".join(t for t in (state.get("earlier_text", ""), result.text) if t),
         "earlier_charge": state.get("earlier_charge", 0) + charged,
     }
+
+
+async def _offered(ctx: TurnContext) -> tuple[dict[str, Any], ...]:
+    """The tools this turn's role may call here: its tool sets, and the roles it may consult."""
+    return await ctx.services.tools.schemas(ctx.tool_names) + consult_schemas(ctx)
 
 
 def _arguments(raw: str) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class Role:
     system_prompt: str
     path: Path
     tools: tuple[str, ...] = ()
+    consult: tuple[str, ...] = ()
 
     def label(self, lang: str | None) -> str:
         """Title in the user's language (Russian for ru* codes, otherwise English)."""
@@ -162,6 +163,8 @@ class FrontMatter(BaseModel):
     # Tool sets the role may call: built-in ones (graph/tools.py TOOL_SETS) and MCP servers
     # configured in MCP_SERVERS, as mcp:NAME.
     tools: tuple[Annotated[str, StringConstraints(pattern=r"^(reminders|mcp:[a-z0-9_-]{1,32})$")], ...] = ()
+    # Roles this one may ask for part of the work within a turn (graph/consult.py).
+    consult: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")], ...] = ()
 
 
 def _problems(exc: ValidationError) -> str:
@@ -214,6 +217,7 @@ def _parse_role(role_id: str, path: Path, raw: bytes) -> Role:
         system_prompt=system_prompt,
         path=path,
         tools=fields.tools,
+        consult=fields.consult,
     )
 
 

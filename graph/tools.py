@@ -57,11 +57,11 @@ class ToolOutcome:
     ok: bool
 
 
-class _Args(BaseModel):
+class ToolArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CreateReminderArgs(_Args):
+class CreateReminderArgs(ToolArgs):
     text: str = Field(min_length=1, max_length=MAX_REMINDER_TEXT,
                       description="What to remind the user of, in the user's own words.")
     when: str = Field(max_length=40, description=(
@@ -70,15 +70,15 @@ class CreateReminderArgs(_Args):
     ))
 
 
-class CancelReminderArgs(_Args):
+class CancelReminderArgs(ToolArgs):
     reminder_id: int = Field(description="The id list_reminders gave.")
 
 
-class SetTimezoneArgs(_Args):
+class SetTimezoneArgs(ToolArgs):
     timezone: str = Field(max_length=64, description="An IANA time zone name, e.g. Europe/Berlin.")
 
 
-class NoArgs(_Args):
+class NoArgs(ToolArgs):
     pass
 
 
@@ -265,6 +265,7 @@ async def run_tool(
             raise ValueError("not an object")
     except ValueError:
         return ToolOutcome(name, call_id, "error: the arguments were not a JSON object", False)
+    timeout = float((tool.metadata or {}).get("timeout", timeout))
     try:
         result = await asyncio.wait_for(tool.ainvoke(args), timeout)
     except ValidationError as exc:

@@ -54,8 +54,20 @@ class RunTrace:
 
     def note(self, **fields: Any) -> None:
         """Attach a fact to the node currently running (e.g. memory degraded)."""
-        if self.nodes:
-            self.nodes[-1].update(fields)
+        steps = [node for node in self.nodes if "parent" not in node]
+        if steps:
+            steps[-1].update(fields)
+
+    def child(self, name: str) -> dict[str, Any]:
+        """A step inside the running node (a consulted role's call): its own entry in the trace,
+        timed by the caller (`ms`), shown under its parent."""
+        steps = [node for node in self.nodes if "parent" not in node]
+        entry: dict[str, Any] = {
+            "node": name, "parent": steps[-1]["node"] if steps else None,
+            "start_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+        self.nodes.append(entry)
+        return entry
 
     def end(self) -> None:
         if self.ended is None:
