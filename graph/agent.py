@@ -316,6 +316,13 @@ class Agent:
                 await Reminders(db).release(reminder_id)
             await db.commit()
 
+    async def set_timezone(self, user_id: int, timezone: str) -> None:
+        """An IANA zone name the caller has checked (handlers/personalize.py find_timezone)."""
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            await Users(db).set_timezone(user_id, timezone)
+            await db.commit()
+
     async def set_instructions(self, user_id: int, instructions: str | None) -> None:
         async with self.services.sessions() as db:
             await Users(db).ensure(user_id, None)

@@ -1,6 +1,8 @@
-"""/personalize: choose the role, set or clear the user's own instructions."""
+"""/personalize: choose the role (or Auto), set or clear the user's own instructions, the time zone."""
 
 from __future__ import annotations
+
+from zoneinfo import available_timezones
 
 from aiogram import F, Router
 from aiogram.filters import Command, StateFilter
@@ -31,6 +33,11 @@ class GroupSharing(CallbackData, prefix="share"):
 
 class Personalize(StatesGroup):
     waiting_for_instructions = State()
+    waiting_for_timezone = State()
+
+
+class TimezoneAction(CallbackData, prefix="tz"):
+    action: str  # edit | cancel
 
 
 def menu_keyboard(
@@ -49,6 +56,10 @@ def menu_keyboard(
     builder.button(
         text=catalog.plain(lang, "personalize.buttons.clear_instructions"),
         callback_data=InstructionsAction(action="clear"),
+    )
+    builder.button(
+        text=catalog.plain(lang, "personalize.buttons.timezone"),
+        callback_data=TimezoneAction(action="edit"),
     )
     builder.button(
         text=catalog.plain(
@@ -71,6 +82,9 @@ async def personalize(message: Message, agent: Agent, catalog: Catalog, lang: st
         text += "\n\n" + catalog.text(
             lang, "personalize.instructions_current", instructions=profile.user.instructions
         )
+    text += "\n\n" + catalog.text(
+        lang, "personalize.timezone_current", timezone=profile.user.timezone or "—"
+    )
     text += "\n\n" + catalog.text(
         lang, "personalize.groups_on" if profile.user.private_data_in_groups else "personalize.groups_off"
     )
@@ -163,6 +177,57 @@ async def save_instructions(
     await message.answer(catalog.text(lang, "personalize.instructions_set"))
 
 
+async def ask_timezone(
+    query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
+) -> None:
+    await state.set_state(Personalize.waiting_for_timezone)
+    await query.answer()
+    if isinstance(query.message, Message):
+        builder = InlineKeyboardBuilder()
+        builder.button(
+            text=catalog.plain(lang, "personalize.buttons.cancel"),
+            callback_data=TimezoneAction(action="cancel"),
+        )
+        await query.message.answer(
+            catalog.text(lang, "personalize.timezone_prompt"), reply_markup=builder.as_markup()
+        )
+
+
+async def cancel_timezone(
+    query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
+) -> None:
+    await state.clear()
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_text(catalog.text(lang, "personalize.timezone_cancelled"))
+
+
+async def save_timezone(
+    message: Message, state: FSMContext, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    assert message.from_user is not None and message.text is not None
+    zone = find_timezone(message.text)
+    if zone is None:
+        await message.answer(catalog.text(lang, "personalize.timezone_unknown"))
+        return
+    await state.clear()
+    await agent.set_timezone(message.from_user.id, zone)
+    await message.answer(catalog.text(lang, "personalize.timezone_set", timezone=zone))
+
+
+def find_timezone(text: str) -> str | None:
+    """An IANA zone from what a user types: "Europe/Berlin", "berlin", "New York"."""
+    wanted = text.strip().replace(" ", "_").lower()
+    if not wanted or len(wanted) > 64:
+        return None
+    zones = available_timezones()
+    exact = {zone.lower(): zone for zone in zones}
+    if wanted in exact:
+        return exact[wanted]
+    cities = sorted(zone for zone in zones if zone.lower().rsplit("/", 1)[-1] == wanted)
+    return cities[0] if cities else None
+
+
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
@@ -175,10 +240,16 @@ def build_router() -> Router:
     router.callback_query(InstructionsAction.filter(F.action == "edit"))(ask_instructions)
     router.callback_query(InstructionsAction.filter(F.action == "clear"))(clear_instructions)
     router.callback_query(InstructionsAction.filter(F.action == "cancel"))(cancel_instructions)
+    router.callback_query(TimezoneAction.filter(F.action == "edit"))(ask_timezone)
+    router.callback_query(TimezoneAction.filter(F.action == "cancel"))(cancel_timezone)
     # Only where the question was asked: a state left in a group from an older version must
     # not turn someone's group message into their instructions.
     router.message(
         StateFilter(Personalize.waiting_for_instructions), F.chat.type == "private",
         ~F.text.startswith("/"),
     )(save_instructions)
+    router.message(
+        StateFilter(Personalize.waiting_for_timezone), F.chat.type == "private",
+        ~F.text.startswith("/"),
+    )(save_timezone)
     return router
