@@ -107,9 +107,18 @@ def startup_figures(data: dict[str, Any]) -> Figures:
     return out
 
 
+def agents_figures(data: dict[str, Any]) -> Figures:
+    out: Figures = {}
+    for r in data.get("results", []):
+        out[f"{r.get('scenario')}: wall p50 (ms)"] = dig(r, "wall_ms_p50")
+        out[f"{r.get('scenario')}: tokens charged"] = dig(r, "tokens")
+    return out
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
     "overhead": overhead_figures, "throughput": throughput_figures,
     "retrieval": retrieval_figures, "streaming": streaming_figures, "startup": startup_figures,
+    "agents": agents_figures,
 }
 assert set(FIGURES) == set(NAMES), "every benchmark needs its key figures here"
 
