@@ -16,19 +16,20 @@ import math
 import time
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_mcp_adapters.client import MultiServerMCPClient
-from langchain_mcp_adapters.sessions import Connection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graph.tokens import count_tokens
 from storage.models import utcnow
 from storage.repositories import Reminders, Users
+
+if TYPE_CHECKING:
+    from langchain_mcp_adapters.sessions import Connection
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,10 @@ class McpServers:
     def __init__(self, connections: dict[str, dict[str, Any]], timeout: float) -> None:
         self.names = frozenset(connections)
         self.timeout = timeout
+        # Imported here: the MCP SDK and its web stack weigh megabytes a bot without
+        # MCP_SERVERS should not carry.
+        from langchain_mcp_adapters.client import MultiServerMCPClient
+
         self._client = MultiServerMCPClient(
             cast("dict[str, Connection]", connections), tool_name_prefix=True
         )
