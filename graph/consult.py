@@ -20,10 +20,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
 from graph.roles import Role
-from graph.tokens import count_messages
 from graph.tools import ToolArgs, ToolRefused
-from storage.core import OverBudget
-from storage.repositories import Budget
 
 if TYPE_CHECKING:
     from graph.context import TurnContext
@@ -83,33 +80,22 @@ def _schema(role_id: str, label: str, description: str) -> dict[str, Any]:
 
 
 async def consult(ctx: TurnContext, other: Role, question: str) -> str:
-    from graph.nodes import charge_for, padded  # the nodes use these tools: imported at call time
+    from graph.nodes import complete_within_allowance  # the nodes use these tools
 
-    services = ctx.services
-    model = other.model or services.settings.chat_model
-    messages = [SystemMessage(other.system_prompt), HumanMessage(question)]
-    max_tokens = min(other.max_output_tokens, CONSULT_MAX_TOKENS)
-    amount = padded(count_messages(messages, model)) + max_tokens
-    async with services.sessions() as db:
-        held = await Budget(db).reserve(
-            ctx.user_id, amount, services.settings.daily_token_limit,
-            ttl_seconds=services.settings.reservation_ttl_seconds,
-        )
-        await db.commit()
-    if isinstance(held, OverBudget):
-        raise ToolRefused("today's allowance has no room for asking another role")
+    model = other.model or ctx.services.settings.chat_model
     step = ctx.trace.child(f"consult:{other.id}")
     began = time.perf_counter()
     try:
-        result = await services.models.complete(
-            messages, model=model, temperature=other.temperature, max_tokens=max_tokens
+        result, charged = await complete_within_allowance(
+            ctx.services, ctx.user_id,
+            [SystemMessage(other.system_prompt), HumanMessage(question)], model=model,
+            temperature=other.temperature,
+            max_tokens=min(other.max_output_tokens, CONSULT_MAX_TOKENS),
         )
     finally:
         step["ms"] = round((time.perf_counter() - began) * 1000, 3)
-    charged = charge_for(result, held.amount)
-    async with services.sessions() as db:
-        await Budget(db).settle(held.id, charged)
-        await db.commit()
+    if result is None:
+        raise ToolRefused("today's allowance has no room for asking another role")
     step.update(model=model, tokens=charged)
     if result.fault is not None or not result.text.strip():
         raise ToolRefused(f"the {other.label('en')} could not answer now")

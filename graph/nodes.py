@@ -15,7 +15,7 @@ from langgraph.runtime import Runtime
 from sqlalchemy.exc import IntegrityError
 
 from graph.consult import consult_schemas, consult_tools
-from graph.context import SummaryContext, TurnContext
+from graph.context import Services, SummaryContext, TurnContext
 from graph.model import ModelFault, ModelResult
 from graph.state import SummaryState, TurnState
 from graph.tokens import TOKENS_PER_MESSAGE, count_messages, count_prompt, count_tokens
@@ -317,6 +317,33 @@ def charge_for(result: ModelResult, reserved: int) -> int:
     return 0  # refused before any work: 429, 5xx, quota, auth
 
 
+async def complete_within_allowance(
+    services: Services, user_id: int, messages: list[BaseMessage], *, model: str,
+    temperature: float, max_tokens: int,
+) -> tuple[ModelResult | None, int]:
+    """A whole (unstreamed) call outside a message's own answer (a summary, Auto's routing, a
+    consult), reserved from the user's allowance before it and settled after it, like every
+    call: (its result, tokens charged); (None, 0) when today has no room for it. A crash
+    mid-call leaves the reservation to the sweeper, which charges it in full."""
+    amount = padded(count_messages(messages, model)) + max_tokens
+    async with services.sessions() as db:
+        held = await Budget(db).reserve(
+            user_id, amount, services.settings.daily_token_limit,
+            ttl_seconds=services.settings.reservation_ttl_seconds,
+        )
+        await db.commit()
+    if isinstance(held, OverBudget):
+        return None, 0
+    result = await services.models.complete(
+        messages, model=model, temperature=temperature, max_tokens=max_tokens
+    )
+    charged = charge_for(result, held.amount)
+    async with services.sessions() as db:
+        await Budget(db).settle(held.id, charged)
+        await db.commit()
+    return result, charged
+
+
 async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     ctx = runtime.context
     result = state["result"]
@@ -389,27 +416,12 @@ async def summarise(state: SummaryState, runtime: Runtime[SummaryContext]) -> di
     transcript = _fit_transcript(state["transcript"], services.settings.context_window // 2, model)
     # Reserved like a message: a summary never takes the day past its limit. Without room it
     # waits for the next day's allowance (close_session sets when).
-    amount = padded(count_prompt(summarizer.system_prompt, transcript, model)) + (
-        summarizer.max_output_tokens
+    result, _ = await complete_within_allowance(
+        services, ctx.user_id, [SystemMessage(summarizer.system_prompt), HumanMessage(transcript)],
+        model=model, temperature=summarizer.temperature, max_tokens=summarizer.max_output_tokens,
     )
-    async with services.sessions() as db:
-        reserved = await Budget(db).reserve(
-            ctx.user_id, amount, services.settings.daily_token_limit,
-            ttl_seconds=services.settings.reservation_ttl_seconds,
-        )
-        await db.commit()
-    if isinstance(reserved, OverBudget):
+    if result is None:
         return {"summary": None, "deferred": "budget"}
-    # A crash mid-call leaves the reservation to the sweeper, which charges it in full.
-    result = await services.models.complete(
-        [SystemMessage(summarizer.system_prompt), HumanMessage(transcript)],
-        model=model, temperature=summarizer.temperature,
-        max_tokens=summarizer.max_output_tokens,
-    )
-    charged = charge_for(result, reserved.amount)
-    async with services.sessions() as db:
-        await Budget(db).settle(reserved.id, charged)
-        await db.commit()
     ctx.trace.input_tokens = result.input_tokens or 0
     ctx.trace.output_tokens = result.output_tokens or 0
     if result.fault is not None or not result.text.strip():

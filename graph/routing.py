@@ -13,11 +13,8 @@ import re
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from graph.context import Services
-from graph.nodes import charge_for, padded
+from graph.nodes import complete_within_allowance
 from graph.roles import Role
-from graph.tokens import count_messages
-from storage.core import OverBudget
-from storage.repositories import Budget
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +33,12 @@ async def route(services: Services, user_id: int, text: str) -> tuple[Role | Non
     roles = services.roles.roles()
     listing = "\n".join(f"- {r.id}: {r.label('en')}. {r.describe('en')}" for r in roles)
     messages = [SystemMessage(ROUTER_PROMPT.format(roles=listing)), HumanMessage(text[:ROUTER_TEXT_CHARS])]
-    model = services.settings.summary_model
-    amount = padded(count_messages(messages, model)) + ROUTER_MAX_TOKENS
-    async with services.sessions() as db:
-        held = await Budget(db).reserve(
-            user_id, amount, services.settings.daily_token_limit,
-            ttl_seconds=services.settings.reservation_ttl_seconds,
-        )
-        await db.commit()
-    if isinstance(held, OverBudget):
-        return None, 0
-    result = await services.models.complete(
-        messages, model=model, temperature=0.0, max_tokens=ROUTER_MAX_TOKENS
+    result, charged = await complete_within_allowance(
+        services, user_id, messages, model=services.settings.summary_model, temperature=0.0,
+        max_tokens=ROUTER_MAX_TOKENS,
     )
-    charged = charge_for(result, held.amount)
-    async with services.sessions() as db:
-        await Budget(db).settle(held.id, charged)
-        await db.commit()
+    if result is None:
+        return None, 0
     by_id = {r.id: r for r in roles}
     for word in re.findall(r"[a-z0-9_-]+", result.text.lower()):
         if word in by_id:

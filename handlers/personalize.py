@@ -131,18 +131,32 @@ async def toggle_group_sharing(
 async def ask_instructions(
     query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
 ) -> None:
-    await state.set_state(Personalize.waiting_for_instructions)
+    await _ask_for_text(
+        query, state, Personalize.waiting_for_instructions, InstructionsAction(action="cancel"),
+        catalog.text(lang, "personalize.instructions_prompt", max=MAX_INSTRUCTIONS), catalog, lang,
+    )
+
+
+async def _ask_for_text(
+    query: CallbackQuery, state: FSMContext, waiting: State, cancel: CallbackData, prompt: str,
+    catalog: Catalog, lang: str | None,
+) -> None:
+    """Wait for the user's next message as the answer to `prompt`, with a Cancel button."""
+    await state.set_state(waiting)
     await query.answer()
     if isinstance(query.message, Message):
         builder = InlineKeyboardBuilder()
-        builder.button(
-            text=catalog.plain(lang, "personalize.buttons.cancel"),
-            callback_data=InstructionsAction(action="cancel"),
-        )
-        await query.message.answer(
-            catalog.text(lang, "personalize.instructions_prompt", max=MAX_INSTRUCTIONS),
-            reply_markup=builder.as_markup(),
-        )
+        builder.button(text=catalog.plain(lang, "personalize.buttons.cancel"), callback_data=cancel)
+        await query.message.answer(prompt, reply_markup=builder.as_markup())
+
+
+async def _stop_asking(
+    query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None, key: str
+) -> None:
+    await state.clear()
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_text(catalog.text(lang, key))
 
 
 async def clear_instructions(
@@ -156,10 +170,7 @@ async def clear_instructions(
 async def cancel_instructions(
     query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
 ) -> None:
-    await state.clear()
-    await query.answer()
-    if isinstance(query.message, Message):
-        await query.message.edit_text(catalog.text(lang, "personalize.instructions_cancelled"))
+    await _stop_asking(query, state, catalog, lang, "personalize.instructions_cancelled")
 
 
 async def save_instructions(
@@ -180,26 +191,16 @@ async def save_instructions(
 async def ask_timezone(
     query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
 ) -> None:
-    await state.set_state(Personalize.waiting_for_timezone)
-    await query.answer()
-    if isinstance(query.message, Message):
-        builder = InlineKeyboardBuilder()
-        builder.button(
-            text=catalog.plain(lang, "personalize.buttons.cancel"),
-            callback_data=TimezoneAction(action="cancel"),
-        )
-        await query.message.answer(
-            catalog.text(lang, "personalize.timezone_prompt"), reply_markup=builder.as_markup()
-        )
+    await _ask_for_text(
+        query, state, Personalize.waiting_for_timezone, TimezoneAction(action="cancel"),
+        catalog.text(lang, "personalize.timezone_prompt"), catalog, lang,
+    )
 
 
 async def cancel_timezone(
     query: CallbackQuery, state: FSMContext, catalog: Catalog, lang: str | None
 ) -> None:
-    await state.clear()
-    await query.answer()
-    if isinstance(query.message, Message):
-        await query.message.edit_text(catalog.text(lang, "personalize.timezone_cancelled"))
+    await _stop_asking(query, state, catalog, lang, "personalize.timezone_cancelled")
 
 
 async def save_timezone(
