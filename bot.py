@@ -34,7 +34,7 @@ MODES = {
     "traces": "list recent graph runs, or show one run as a tree: traces [RUN_ID]",
     "rotate-keys": "re-encrypt every stored value under the newest ENCRYPTION_KEY",
     "migrate": "apply database migrations and exit",
-    "migrate-memory": "copy long-term memories: migrate-memory to-pinecone | to-local",
+    "migrate-memory": "long-term memories: migrate-memory reembed | to-pinecone | to-local",
     "check": "validate the configuration and role files, then exit",
 }
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("mode", nargs="?", default=None, choices=list(MODES), metavar="MODE")
     parser.add_argument(
         "run_id", nargs="?",
-        help="traces: the run to show (a prefix is enough); migrate-memory: to-pinecone or to-local",
+        help="traces: the run to show (a prefix is enough); migrate-memory: reembed, to-pinecone or to-local",
     )
     return parser.parse_args(argv)
 
@@ -76,6 +76,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
     from graph.model import ModelGateway
     from graph.roles import RoleRegistry
     from graph.tools import ToolBox
+    from memory.embedders import build_embedder
     from storage import crypto
     from storage.db import create_engine, migrate, session_maker
     from storage.rotation import check_keys
@@ -95,7 +96,16 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         except (OSError, SQLAlchemyError) as exc:
             raise ConfigError(f"DATABASE_URL: cannot use the database ({type(exc).__name__})") from None
         sessions = session_maker(engine)
-        memory = await build_memory(settings, sessions)
+        models = ModelGateway(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            embedding_model=settings.embedding_model,
+            timeout=settings.model_timeout,
+            max_attempts=settings.model_max_attempts,
+            retry_base_delay=settings.model_retry_base_delay,
+        )
+        embedder = build_embedder(settings, models)
+        memory = await build_memory(settings, sessions, embedder.space)
         try:
             await check_keys(sessions)
         except crypto.DecryptionError:
@@ -106,16 +116,9 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         roles = RoleRegistry(settings.prompts_dir)
         for problem in roles.errors():
             log.warning("role file problem: %s", problem)
-        models = ModelGateway(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
-            embedding_model=settings.embedding_model,
-            timeout=settings.model_timeout,
-            max_attempts=settings.model_max_attempts,
-            retry_base_delay=settings.model_retry_base_delay,
-        )
         services = Services(
             settings=settings, sessions=sessions, roles=roles, memory=memory, models=models,
+            embedder=embedder,
             tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
         )
         try:
@@ -132,17 +135,17 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         await engine.dispose()
 
 
-async def build_memory(settings: Settings, sessions: Any) -> MemoryStore:
+async def build_memory(settings: Settings, sessions: Any, space: str) -> MemoryStore:
     """Pinecone when PINECONE_API_KEY is set, otherwise the local backend in the SQL database."""
     from memory.local import LocalMemory
 
     if settings.pinecone_api_key is None:
-        return LocalMemory(sessions)
+        return LocalMemory(sessions, space)
     from memory.pinecone import MemoryUnavailable, PineconeMemory
 
     if not (settings.pinecone_host or settings.pinecone_index):
         raise ConfigError("PINECONE_INDEX: required with PINECONE_API_KEY (or PINECONE_HOST)")
-    memory = PineconeMemory.from_settings(settings, sessions)
+    memory = PineconeMemory.from_settings(settings, sessions, space)
     try:
         await memory.start()
     except MemoryUnavailable as exc:
@@ -180,20 +183,28 @@ async def background_jobs(agent: Agent, redis_url: str | None) -> AsyncIterator[
 
 
 async def migrate_memory(agent: Agent, direction: str | None) -> None:
-    """Copy every memory (vectors included) between the local backend and Pinecone."""
+    """Move memories: re-embed into the current space, or copy between SQL and Pinecone."""
     from memory.local import LocalMemory
-    from memory.migrate import LocalSource, as_source, copy_memories
+    from memory.migrate import LocalSource, copy_memories, reembed
+    from memory.pinecone import PineconeMemory
 
-    memory = agent.services.memory
-    if isinstance(memory, LocalMemory):
-        raise ConfigError("PINECONE_API_KEY: migrate-memory needs Pinecone configured")
-    sessions = agent.services.sessions
+    services = agent.services
+    memory, sessions = services.memory, services.sessions
+    if direction == "reembed":
+        done = await reembed(sessions, memory, services.embedder)
+        print(f"{done} memories embedded again with {services.embedder.space}")
+        return
+    if not isinstance(memory, PineconeMemory):
+        raise ConfigError("PINECONE_API_KEY: migrate-memory to-pinecone|to-local needs Pinecone")
     if direction == "to-pinecone":
-        report = await copy_memories(LocalSource(sessions), memory)
+        report = await copy_memories(LocalSource(sessions, memory.space), memory)
     elif direction == "to-local":
-        report = await copy_memories(as_source(memory), LocalMemory(sessions))
+        # Summaries Pinecone held with their text (before units lived in SQL); their vectors
+        # came from the provider's endpoint, so they are stored in that space.
+        legacy_space = f"openai:{services.settings.embedding_model}"
+        report = await copy_memories(memory, LocalMemory(sessions, legacy_space))
     else:
-        raise ConfigError("migrate-memory: say to-pinecone or to-local")
+        raise ConfigError("migrate-memory: say reembed, to-pinecone or to-local")
     print(f"{report.copied} memories of {report.users} users copied ({report.skipped} skipped)")
 
 

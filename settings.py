@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     chat_model: str = "gpt-4o"
     summary_model: str = "gpt-4o-mini"
+    # local: a model shipped with the project (memory/embedders.py), no embeddings API needed;
+    # openai: the OpenAI-compatible /embeddings endpoint with EMBEDDING_MODEL, billed per token.
+    embedding_provider: Literal["local", "openai"] = "local"
     embedding_model: str = "text-embedding-3-small"
     model_timeout: float = Field(60.0, gt=0)
     model_max_attempts: int = Field(3, ge=1, le=10)
@@ -72,7 +75,7 @@ class Settings(BaseSettings):
 
     daily_token_limit: int = Field(50_000, ge=0)
     max_message_chars: int = Field(8_000, ge=1)
-    memory_top_k: int = Field(3, ge=0, le=20)
+    memory_top_k: int = Field(3, ge=0, le=20)  # earlier sessions an answer may draw on; 0: none
     history_messages: int = Field(40, ge=0)
     reservation_ttl_seconds: int = Field(600, ge=10)
     session_idle_minutes: int = Field(120, ge=1)

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-NAMES = ("overhead", "throughput", "retrieval", "streaming", "startup", "agents")
+NAMES = ("overhead", "throughput", "retrieval", "streaming", "startup", "agents", "memory")

@@ -115,10 +115,20 @@ def agents_figures(data: dict[str, Any]) -> Figures:
     return out
 
 
+def memory_figures(data: dict[str, Any]) -> Figures:
+    out: Figures = {}
+    for r in data.get("results", []):
+        for metric in ("any@3", "all@3", "any@5"):
+            out[f"{r.get('design')}: {metric}"] = dig(r, metric)
+        out[f"{r.get('design')}: tokens added, max"] = dig(r, "tokens", "max")
+    out["10,000 units: search p50 (ms)"] = dig(data, "scale", "warm_ms", "p50")
+    return out
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
     "overhead": overhead_figures, "throughput": throughput_figures,
     "retrieval": retrieval_figures, "streaming": streaming_figures, "startup": startup_figures,
-    "agents": agents_figures,
+    "agents": agents_figures, "memory": memory_figures,
 }
 assert set(FIGURES) == set(NAMES), "every benchmark needs its key figures here"
 

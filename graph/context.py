@@ -13,6 +13,7 @@ from graph.roles import Role, RoleRegistry
 from graph.tools import ToolBox
 from graph.tracing import RunTrace
 from memory.base import PRIVATE, MemoryScope, MemoryStore
+from memory.embedders import Embedder
 from settings import Settings
 from storage.core import HistoryEntry
 
@@ -26,6 +27,7 @@ class Services:
     roles: RoleRegistry
     memory: MemoryStore
     models: ModelGateway
+    embedder: Embedder
     tools: ToolBox = field(default_factory=ToolBox)
 
 

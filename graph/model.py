@@ -216,20 +216,18 @@ class ModelGateway:
             _attempts(retrying), truncated=truncated,
         )
 
-    async def embed(self, text: str) -> list[float]:
-        """The text's embedding. As the SDK itself asks by default, the vector comes base64-encoded
-        (a quarter of the JSON, decoded by numpy); a provider that answers with a JSON list of
-        floats is read too."""
-        body = {"model": self._embedding_model, "input": text, "encoding_format": "base64"}
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One embedding per text, in one request. As the SDK itself asks by default, vectors come
+        base64-encoded (a quarter of the JSON, decoded by numpy); a provider that answers with
+        JSON lists of floats is read too."""
+        body = {"model": self._embedding_model, "input": texts, "encoding_format": "base64"}
         retrying = self._retrying()
         try:
             reply: Any = await retrying(self.client.post, "/embeddings", body=body, cast_to=object)
         except Exception as exc:
             raise ModelFault(*_failed(exc, retrying)) from None
-        vector = reply["data"][0]["embedding"]
-        if isinstance(vector, str):
-            return np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
-        return [float(x) for x in vector]
+        rows = sorted(reply["data"], key=lambda row: row.get("index", 0))
+        return [_vector(row["embedding"]) for row in rows]
 
     async def reachable(self) -> None:
         """One cheap authenticated request (the readiness probe); raises what the provider says."""
@@ -331,3 +329,9 @@ class _StreamedAnswer:
             text, int(self.usage.get("prompt_tokens", 0)), int(self.usage.get("completion_tokens", 0)),
             None, attempt, truncated=self.truncated, tool_calls=calls,
         )
+
+
+def _vector(embedding: str | list[float]) -> list[float]:
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4").tolist()
+    return [float(x) for x in embedding]

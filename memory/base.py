@@ -1,15 +1,24 @@
-"""The long-term memory interface: per-user summaries, scoped to the chat they were made in."""
+"""The long-term memory interface: a user's memory units, scoped to the chat they were made in.
+
+A finished session is remembered as several units (memory/units.py): its summary, each fact the
+summariser drew from it, and its exchanges (a question with its answer). Each is found on its
+own, and what enters a prompt is grouped back by session, with the session's date.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+Kind = Literal["summary", "fact", "exchange"]
+KINDS: tuple[Kind, ...] = ("summary", "fact", "exchange")
 
 
 @dataclass(frozen=True)
 class MemoryItem:
-    """A session's summary as it is remembered; the id makes a retried write idempotent."""
+    """One unit as it is remembered; the id makes a retried write idempotent."""
 
     user_id: int
     session_id: int | None
@@ -19,14 +28,28 @@ class MemoryItem:
     started_at: dt.datetime | None
     ended_at: dt.datetime | None
     chat_id: int | None = None  # the group chat it was made in; None: the user's private chat
+    kind: Kind = "summary"
+    seq: int = 0  # the fact's or exchange's place in its session
 
     @property
     def id(self) -> str:
-        return memory_id(self.user_id, self.session_id)
+        return memory_id(self.user_id, self.session_id, self.kind, self.seq)
 
 
-def memory_id(user_id: int, session_id: int | None) -> str:
-    return f"{user_id}:{session_id}"
+def memory_id(user_id: int, session_id: int | None, kind: Kind = "summary", seq: int = 0) -> str:
+    # A summary keeps the id summaries always had, so memories stored before units stay valid.
+    if kind == "summary":
+        return f"{user_id}:{session_id}"
+    return f"{user_id}:{session_id}:{kind}:{seq}"
+
+
+@dataclass(frozen=True)
+class MemoryQuery:
+    """What recall searches with: the words (lexical) and, when there is one, the vector."""
+
+    text: str
+    vector: list[float] | None
+    limit: int  # units returned, best first
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,8 @@ class MemoryHit:
     role: str | None
     started_at: dt.datetime | None
     score: float
+    kind: Kind = "summary"
+    session_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,11 +100,15 @@ def chat_scope(user_id: int, chat_id: int) -> int | None:
 class MemoryStore(Protocol):
     """Every method is scoped to one user: no call can reach another user's memories."""
 
+    space: str  # the embedder's vector space this store compares against
+
     async def search(
-        self, user_id: int, vector: list[float], k: int, scope: MemoryScope = PRIVATE
+        self, user_id: int, query: MemoryQuery, scope: MemoryScope = PRIVATE
     ) -> list[MemoryHit]: ...
 
-    async def add(self, item: MemoryItem, vector: list[float]) -> None: ...
+    async def add_many(
+        self, items: Sequence[MemoryItem], vectors: Sequence[list[float] | None]
+    ) -> None: ...
 
     async def has_any(self, user_id: int) -> bool: ...
 

@@ -1,4 +1,9 @@
-"""Long-term memory in a Pinecone index: one namespace per user, failed writes kept in an outbox."""
+"""Dense recall in a Pinecone index: one namespace per user, failed writes kept in an outbox.
+
+The units themselves (text, title, vector) live in the SQL memories table, encrypted, as with
+the local backend (memory/local.py), which also scores their words. Pinecone holds each unit's
+vector with the metadata a filtered query needs (user, chat, kind, dates), never its text.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import base64
 import datetime as dt
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,9 +26,11 @@ from pinecone.openapi_support.retry_aiohttp import JitterRetry
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from memory.base import PRIVATE, MemoryHit, MemoryItem, MemoryScope
+from memory.base import PRIVATE, MemoryHit, MemoryItem, MemoryQuery, MemoryScope
+from memory.local import LocalMemory
 from storage.models import User, utcnow
 from storage.outbox import Outbox
+from storage.repositories import Memories
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -42,9 +48,8 @@ T = TypeVar("T")
 NAMESPACE_PREFIX = "user-"
 FETCH_BATCH = 100  # ids per fetch: the ids travel in the query string
 UPSERT_BATCH = 100
-# Pinecone allows 40 KB of metadata per record; summaries are ~1.5 KB, this bounds odd ones.
-MAX_TEXT_BYTES = 30_000
-METADATA_SCHEMA = 1
+DENSE_CANDIDATES = 50  # nearest units asked of Pinecone per search; the rest score as the last
+METADATA_SCHEMA = 2  # 1: summaries with their text in the metadata (read by migrate-memory to-local)
 
 
 def namespace_for(user_id: int) -> str:
@@ -78,24 +83,25 @@ class OutboxRun:
 
 
 class PineconeMemory:
-    """The MemoryStore protocol over a Pinecone index.
+    """The MemoryStore protocol: dense scores from Pinecone, everything else from the SQL rows.
 
-    Privacy note: Pinecone metadata (summary text, title, role, dates) is stored as Pinecone
-    keeps it, NOT encrypted by us: the summaries need to come back as text with each query.
-    This is the known limit of keeping memories in Pinecone; the SQL copy in the outbox is
-    encrypted, and deleting a user removes their whole namespace.
+    Privacy note: Pinecone keeps the vectors and the metadata above as it keeps them, not
+    encrypted by us (a vector can be partly inverted); no text leaves the database. Deleting a
+    user removes their whole namespace.
     """
 
     has_outbox = True
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], *, api_key: str,
+        self, sessions: async_sessionmaker[AsyncSession], space: str, *, api_key: str,
         host: str | None = None, index_name: str | None = None, control_host: str | None = None,
-        timeout: float = 10.0, attempts: int = 2, known_users_cache: int = 100_000,
+        timeout: float = 10.0, attempts: int = 2,
     ) -> None:
         if not host and not index_name:
             raise ValueError("PINECONE_HOST or PINECONE_INDEX is required for Pinecone memory")
         self._sessions = sessions
+        self.space = space
+        self.rows = LocalMemory(sessions, space)
         self._api_key = api_key
         self._host = host.rstrip("/") if host else None
         self._index_name = index_name
@@ -104,18 +110,15 @@ class PineconeMemory:
         self._attempts = max(1, attempts)
         self._client: IndexAsyncio | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
-        # Users known to have memories: most messages then need no round trip to Pinecone.
-        self._known: OrderedDict[int, None] = OrderedDict()
-        self._known_max = known_users_cache
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+        cls, settings: Settings, sessions: async_sessionmaker[AsyncSession], space: str
     ) -> PineconeMemory:
         if settings.pinecone_api_key is None:
             raise ValueError("PINECONE_API_KEY is required for Pinecone memory")
         return cls(
-            sessions, api_key=settings.pinecone_api_key.get_secret_value(),
+            sessions, space, api_key=settings.pinecone_api_key.get_secret_value(),
             host=settings.pinecone_host, index_name=settings.pinecone_index,
             timeout=float(getattr(settings, "pinecone_timeout", 10.0)),
         )
@@ -135,87 +138,80 @@ class PineconeMemory:
     # --- the MemoryStore protocol ---------------------------------------------------------
 
     async def has_any(self, user_id: int) -> bool:
-        if user_id in self._known:
-            return True
-        try:
-            index = await self._index()
-            # list(limit=1) answers for one namespace; describe_index_stats would list
-            # every user's namespace in each answer, growing with the number of users.
-            page = await self._call("list", index.list_paginated(
-                namespace=namespace_for(user_id), limit=1
-            ))
-        except MemoryUnavailable:
-            return True  # unknown: let search try, so the failure is noted as degraded
-        if page.vectors:
-            self._remember_known(user_id)
-            return True
-        return False
+        return await self.rows.has_any(user_id)
 
     async def search(
-        self, user_id: int, vector: list[float], k: int, scope: MemoryScope = PRIVATE
+        self, user_id: int, query: MemoryQuery, scope: MemoryScope = PRIVATE
     ) -> list[MemoryHit]:
-        if k <= 0:
-            return []
+        """Pinecone's nearest units fused with the words' scores; words alone while it is down."""
+        dense: dict[str, float] = {}
+        if query.vector is not None:
+            try:
+                dense = await self._nearest(user_id, query.vector, scope)
+            except MemoryUnavailable as exc:
+                log.warning("pinecone query failed, lexical recall only: %s", exc)
+        return await self.rows.rank(user_id, query, scope, dense=dense)
+
+    async def _nearest(
+        self, user_id: int, vector: list[float], scope: MemoryScope
+    ) -> dict[str, float]:
         index = await self._index()
         response = await self._call("query", index.query(
-            namespace=namespace_for(user_id), vector=_floats(vector), top_k=k,
+            namespace=namespace_for(user_id), vector=_floats(vector), top_k=DENSE_CANDIDATES,
             include_metadata=True, filter=_scope_filter(user_id, scope),
         ))
-        hits = []
+        nearest = {}
         for match in response.matches or []:
             metadata = dict(match.metadata or {})
-            # The filter already holds both; checked again so a filter Pinecone ignored leaks nothing.
-            if _int(metadata.get("user_id")) != user_id or not scope.admits(
-                _int(metadata.get("chat_id"))
-            ):
-                continue
-            hits.append(MemoryHit(
-                id=match.id, text=str(metadata.get("text", "")), title=metadata.get("title"),
-                role=metadata.get("role"), started_at=_parse_dt(metadata.get("started_at")),
-                score=float(match.score or 0.0),
-            ))
-        return hits
+            # The filter already holds both; checked again so a filter Pinecone ignored leaks
+            # nothing (and rank() draws only on the user's own rows in any case).
+            if _int(metadata.get("user_id")) == user_id and scope.admits(_int(metadata.get("chat_id"))):
+                nearest[match.id] = float(match.score or 0.0)
+        return nearest
 
-    async def add(self, item: MemoryItem, vector: list[float]) -> None:
-        """Write one memory; when Pinecone fails, the write is queued (never lost, never raised)."""
+    async def add_many(
+        self, items: Sequence[MemoryItem], vectors: Sequence[list[float] | None]
+    ) -> None:
+        """Store the units in SQL, then their vectors in Pinecone; a vector Pinecone does not
+        take now is queued (never lost, never raised)."""
+        await self.rows.add_many(items, vectors)
+        pairs = [(item, vector) for item, vector in zip(items, vectors, strict=True) if vector]
         try:
-            await self.put_many([(item, vector)])
+            await self.put_many(pairs)
         except MemoryUnavailable as exc:
-            await self._enqueue(item, vector, exc)
+            for item, vector in pairs:
+                await self._enqueue(item, vector, exc)
             return
-        await self._after_write(item, outbox_row=None)
+        for item, _ in pairs:
+            await self._after_write(item, outbox_row=None)
 
     async def export_user(self, user_id: int) -> list[dict[str, Any]]:
-        """The user's records as stored in Pinecone, plus writes still waiting in the outbox."""
-        records = [
+        """What Pinecone holds beyond the SQL rows (which the SQL export covers): summaries
+        stored with their text before units lived in SQL."""
+        async with self._sessions() as db:
+            in_database = set(await Memories(db).ids_for(user_id))
+        return sorted((
             _export_record(vector_id, metadata, store="pinecone")
             for vector_id, metadata, _ in await self._fetch_namespace(user_id, with_values=False)
-        ]
-        exported = {record["id"] for record in records}
-        async with self._sessions() as db:
-            queued = await Outbox(db).for_user(user_id)
-        for row in queued:
-            item, _ = decode_payload(row.payload)
-            if item.id not in exported:
-                record = _export_record(item.id, _metadata(item, row.created_at), store="outbox")
-                records.append(record)
-                exported.add(item.id)
-        return sorted(records, key=lambda r: (r.get("started_at") or "", r["id"]))
+            if vector_id not in in_database
+        ), key=lambda r: (r.get("started_at") or "", r["id"]))
 
     async def delete_user(self, user_id: int) -> int:
-        """Delete the user's namespace and queued writes; raises if Pinecone cannot be reached."""
+        """Delete the user's units, namespace and queued writes; raises if Pinecone cannot be
+        reached (the SQL rows are gone by then; deleting again finishes the job)."""
         async with self._sessions() as db:
-            queued = {row.memory_id for row in await Outbox(db).for_user(user_id)}
+            units = set(await Memories(db).ids_for(user_id))
+            units |= {row.memory_id for row in await Outbox(db).for_user(user_id)}
             # Queued writes go first: a retry must not re-create what is being deleted.
             await Outbox(db).delete_for(user_id)
             await db.commit()
+        await self.rows.delete_user(user_id)
         index = await self._index()
         namespace = namespace_for(user_id)
-        stored = set(await self._list_ids(index, namespace))
+        units |= set(await self._list_ids(index, namespace))
         # deleteAll even when the listing is empty: Pinecone's list is eventually consistent.
         await self._delete_namespace(index, namespace)
-        self._known.pop(user_id, None)
-        return len(stored | queued)
+        return len(units)
 
     # --- beyond the protocol: writes that raise, outbox, migration ------------------------
 
@@ -236,8 +232,6 @@ class PineconeMemory:
                     vectors=vectors[start:start + UPSERT_BATCH], namespace=namespace,
                     show_progress=False,
                 ))
-        for item, _ in records:
-            self._remember_known(item.user_id)
 
     async def retry_outbox(self, now: dt.datetime | None = None, limit: int = 100) -> OutboxRun:
         """Send queued writes that are due; stops early while Pinecone is down."""
@@ -276,10 +270,12 @@ class PineconeMemory:
         return sorted(users)
 
     async def dump_user(self, user_id: int) -> list[tuple[MemoryItem, list[float]]]:
-        """Every memory of the user with its vector (for migration back to the local store)."""
+        """The user's summaries stored with their text in Pinecone (metadata schema 1, before
+        the units moved to SQL), with their vectors: what migrate-memory to-local brings back."""
         return [
             (_item_from_metadata(user_id, metadata), values)
             for _, metadata, values in await self._fetch_namespace(user_id, with_values=True)
+            if metadata.get("text")
         ]
 
     # --- internals ------------------------------------------------------------------------
@@ -389,13 +385,6 @@ class PineconeMemory:
             except MemoryUnavailable as exc:
                 if exc.status != 404:
                     raise
-            self._known.pop(item.user_id, None)
-
-    def _remember_known(self, user_id: int) -> None:
-        self._known[user_id] = None
-        self._known.move_to_end(user_id)
-        while len(self._known) > self._known_max:
-            self._known.popitem(last=False)
 
 
 def _make_client(api_key: str, host: str, attempts: int) -> IndexAsyncio:
@@ -413,17 +402,13 @@ def _make_client(api_key: str, host: str, attempts: int) -> IndexAsyncio:
 
 
 def _metadata(item: MemoryItem, written_at: dt.datetime) -> dict[str, Any]:
-    """Pinecone metadata: no nulls allowed, so absent values are left out."""
-    text = item.text
-    if len(text.encode()) > MAX_TEXT_BYTES:
-        text = text.encode()[:MAX_TEXT_BYTES].decode(errors="ignore")
+    """Pinecone metadata, no text: no nulls allowed, so absent values are left out."""
     metadata: dict[str, Any] = {
-        "schema": METADATA_SCHEMA, "kind": "session_summary", "user_id": item.user_id,
-        "text": text, "written_at": written_at.isoformat(),
+        "schema": METADATA_SCHEMA, "kind": item.kind, "user_id": item.user_id,
+        "written_at": written_at.isoformat(),
     }
     optional = {
-        "session_id": item.session_id, "chat_id": item.chat_id, "title": item.title,
-        "role": item.role,
+        "session_id": item.session_id, "chat_id": item.chat_id, "role": item.role,
         "started_at": item.started_at.isoformat() if item.started_at else None,
         "ended_at": item.ended_at.isoformat() if item.ended_at else None,
     }
@@ -465,13 +450,14 @@ def _export_record(vector_id: str, metadata: dict[str, Any], *, store: str) -> d
 
 
 def encode_payload(item: MemoryItem, vector: list[float]) -> str:
-    """The outbox payload: the item and its vector (float32, base64), as JSON."""
+    """The outbox payload: what Pinecone's metadata needs of the unit (not its text, which is in
+    the memories table) and its vector (float32, base64), as JSON."""
     packed = np.asarray(vector, dtype="<f4").tobytes()
     return json.dumps({
-        "v": 1,
+        "v": 2,
         "item": {
-            "user_id": item.user_id, "session_id": item.session_id, "title": item.title,
-            "text": item.text, "role": item.role, "chat_id": item.chat_id,
+            "user_id": item.user_id, "session_id": item.session_id, "kind": item.kind,
+            "seq": item.seq, "role": item.role, "chat_id": item.chat_id,
             "started_at": item.started_at.isoformat() if item.started_at else None,
             "ended_at": item.ended_at.isoformat() if item.ended_at else None,
         },
@@ -483,9 +469,10 @@ def decode_payload(payload: str) -> tuple[MemoryItem, list[float]]:
     data = json.loads(payload)
     raw = data["item"]
     item = MemoryItem(
-        user_id=int(raw["user_id"]), session_id=raw.get("session_id"), title=raw.get("title"),
-        text=raw["text"], role=raw.get("role"), started_at=_parse_dt(raw.get("started_at")),
+        user_id=int(raw["user_id"]), session_id=raw.get("session_id"), title=None, text="",
+        role=raw.get("role"), started_at=_parse_dt(raw.get("started_at")),
         ended_at=_parse_dt(raw.get("ended_at")), chat_id=raw.get("chat_id"),
+        kind=raw.get("kind", "summary"), seq=int(raw.get("seq", 0)),
     )
     vector = np.frombuffer(base64.b64decode(data["vector"]), dtype="<f4").astype(float).tolist()
     return item, vector

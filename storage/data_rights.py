@@ -54,10 +54,11 @@ def _session(row: ChatSession) -> dict[str, Any]:
 
 def _memory(row: MemoryRecord) -> dict[str, Any]:
     return {
-        "id": row.id, "session_id": row.session_id, "chat_id": row.chat_id, "title": row.title,
-        "text": row.text, "role": row.role,
+        "id": row.id, "kind": row.kind, "session_id": row.session_id, "chat_id": row.chat_id,
+        "title": row.title, "text": row.text, "role": row.role,
         "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
-        "created_at": _iso(row.created_at),
+        "created_at": _iso(row.created_at), "embedded_with": row.space,
+        "store": "database",
     }
 
 
@@ -90,7 +91,7 @@ def _inbox(row: InboxUpdate) -> dict[str, Any]:
 
 
 def _memory_write(row: MemoryOutbox) -> dict[str, Any]:
-    # The queued memory's text is exported with the memories (memory/pinecone.py export_user).
+    # The queued unit itself is exported with the memories (its row in the memories table).
     return {
         "memory_id": row.memory_id, "attempts": row.attempts,
         "created_at": _iso(row.created_at), "next_attempt_at": _iso(row.next_attempt_at),

@@ -183,7 +183,7 @@ class MemoryRecord(Base):
     __tablename__ = "memories"
     __table_args__ = (Index("ix_memories_user", "user_id"),)
 
-    # "<user>:<session>": a retried write of the same summary replaces, never duplicates.
+    # memory_id(): a retried write of the same unit replaces it, never duplicates it.
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"))
     session_id: Mapped[int | None] = mapped_column(BigInteger)
@@ -196,6 +196,10 @@ class MemoryRecord(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16), default="summary", server_default="summary")
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The embedder's space (memory/embedders.py); NULL: stored before spaces were recorded.
+    space: Mapped[str | None] = mapped_column(String(96))
 
 
 class Trace(Base):

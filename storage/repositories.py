@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -265,8 +265,17 @@ class Budget:
         return await self.db.get(UsageDay, (user_id, utc_day(now)), populate_existing=True)
 
 
+class IndexRow(NamedTuple):
+    id: str
+    chat_id: int | None
+    text: str
+    embedding: bytes | None
+    space: str | None
+    started_at: dt.datetime | None
+
+
 class Memories:
-    """Long-term memory records as rows (the local backend's storage)."""
+    """Long-term memory units as rows: where every backend keeps them (memory/local.py)."""
 
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
@@ -288,14 +297,29 @@ class Memories:
         stmt = select(MemoryRecord).where(MemoryRecord.id.in_(list(ids)))
         return [r for r in (await self.db.execute(stmt)).scalars() if r.user_id == user_id]
 
-    async def vectors_for(self, user_id: int) -> list[tuple[str, int | None, bytes]]:
-        """(id, chat, embedding) of every memory of the user: what a search index needs."""
+    async def ids_for(self, user_id: int) -> list[str]:
+        return list(await self.db.scalars(
+            select(MemoryRecord.id).where(MemoryRecord.user_id == user_id)
+        ))
+
+    async def index_rows_for(self, user_id: int) -> list[IndexRow]:
+        """What a search index needs of every memory of the user, oldest first."""
         stmt = (
-            select(MemoryRecord.id, MemoryRecord.chat_id, MemoryRecord.embedding)
-            .where(MemoryRecord.user_id == user_id, MemoryRecord.embedding.is_not(None))
-            .order_by(MemoryRecord.created_at)
+            select(MemoryRecord.id, MemoryRecord.chat_id, MemoryRecord.text,
+                   MemoryRecord.embedding, MemoryRecord.space, MemoryRecord.started_at)
+            .where(MemoryRecord.user_id == user_id)
+            .order_by(MemoryRecord.created_at, MemoryRecord.id)
         )
-        return [(row.id, row.chat_id, row.embedding) for row in await self.db.execute(stmt)]
+        return [IndexRow(*row) for row in await self.db.execute(stmt)]
+
+    async def outside_space(self, space: str, limit: int) -> Sequence[MemoryRecord]:
+        """Memories whose vector is missing or from another embedder (to re-embed)."""
+        stmt = (
+            select(MemoryRecord)
+            .where(or_(MemoryRecord.space.is_(None), MemoryRecord.space != space))
+            .order_by(MemoryRecord.user_id, MemoryRecord.id).limit(limit)
+        )
+        return (await self.db.execute(stmt)).scalars().all()
 
     async def user_ids(self) -> list[int]:
         """Every user who has a memory, in id order."""

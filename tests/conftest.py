@@ -180,6 +180,7 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
     from graph.model import ModelGateway
     from graph.roles import RoleRegistry
     from graph.tools import ToolBox
+    from memory.embedders import build_embedder
     from memory.local import LocalMemory
 
     models = ModelGateway(
@@ -187,10 +188,11 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
         embedding_model=settings.embedding_model, timeout=settings.model_timeout,
         max_attempts=settings.model_max_attempts, retry_base_delay=settings.model_retry_base_delay,
     )
+    embedder = build_embedder(settings, models)
     services = Services(
         settings=settings, sessions=sessions,
         roles=RoleRegistry(settings.prompts_dir, check_interval=0),
-        memory=LocalMemory(sessions), models=models,
+        memory=LocalMemory(sessions, embedder.space), models=models, embedder=embedder,
         tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
     )
     return Agent(services)

@@ -73,9 +73,11 @@ async def test_a_failed_summary_is_made_later_and_remembered(
     fake_openai._chat_faults.clear()
     assert await agent.make_due_summaries(utcnow() + dt.timedelta(hours=1)) == 1
     async with sessions() as db:
-        memory = (await db.execute(select(MemoryRecord).where(MemoryRecord.user_id == 8))).scalar_one()
+        units = (await db.execute(select(MemoryRecord).where(MemoryRecord.user_id == 8))).scalars().all()
         session = (await db.execute(select(ChatSession).where(ChatSession.user_id == 8))).scalar_one()
-    assert "green tea" in memory.text
+    # every unit of the session: its summary, its fact, its exchange
+    assert sorted(unit.kind for unit in units) == ["exchange", "fact", "summary"]
+    assert all("green tea" in unit.text for unit in units)
     assert session.status == "closed" and session.ended_at is not None
     # and it is recalled in a later session
     await say(agent, 8, "what do I like to drink?")

@@ -55,11 +55,11 @@ async def _seed(sessions: async_sessionmaker[AsyncSession], user_id: int) -> Non
     from storage.models import Trace
     from storage.outbox import Outbox
 
-    memory = LocalMemory(sessions)
-    await memory.add(MemoryItem(
+    memory = LocalMemory(sessions, "test:3")
+    await memory.add_many([MemoryItem(
         user_id=user_id, session_id=session.id, title="t", text=f"memory {user_id}", role="coder",
-        started_at=now, ended_at=None,
-    ), [0.1, 0.2, 0.3])
+        started_at=now, ended_at=None, kind=kind, seq=seq,
+    ) for kind, seq in (("summary", 0), ("fact", 1), ("exchange", 1))], [[0.1, 0.2, 0.3]] * 3)
     async with sessions() as db:
         await Outbox(db).enqueue(user_id=user_id, memory_id=f"{user_id}:9", payload="{}", error=None)
         db.add(Trace(

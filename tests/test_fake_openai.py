@@ -342,17 +342,20 @@ async def test_the_gateway_reads_embeddings_as_the_sdk_does_in_either_encoding(
                            embedding_model="text-embedding-3-small", timeout=5,
                            max_attempts=1, retry_base_delay=0.01)
     sdk = openai.AsyncOpenAI(api_key="sk-test", base_url=ai.base_url, max_retries=0)
-    text = "the launch window opens on tuesday"
+    texts = ["the launch window opens on tuesday", "a second text, in the same request"]
     try:
-        expected = await sdk.embeddings.create(model="text-embedding-3-small", input=text)
-        expected_vector = expected.data[0].embedding  # decoded by the SDK itself
-        as_base64 = await gateway.embed(text)
+        expected = await sdk.embeddings.create(model="text-embedding-3-small", input=texts)
+        expected_vectors = [row.embedding for row in expected.data]  # decoded by the SDK itself
+        as_base64 = await gateway.embed(texts)
         ai.embeddings_as_floats = True
-        as_floats = await gateway.embed(text)
+        as_floats = await gateway.embed(texts)
     finally:
         await gateway.aclose()
         await sdk.close()
-    assert len(expected_vector) == ai.dims
-    assert as_base64 == pytest.approx(expected_vector, abs=1e-6)
-    assert as_floats == pytest.approx(expected_vector, abs=1e-6)
+    assert [len(v) for v in expected_vectors] == [ai.dims, ai.dims]
+    assert expected_vectors[0] != pytest.approx(expected_vectors[1], abs=1e-3)
+    for got in (as_base64, as_floats):
+        assert len(got) == 2
+        for vector, wanted in zip(got, expected_vectors, strict=True):
+            assert vector == pytest.approx(wanted, abs=1e-6)
     assert [r["encoding_format"] for r in ai.embedding_requests] == ["base64"] * 3

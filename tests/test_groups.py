@@ -28,6 +28,8 @@ ALICE, BOB, GROUP = 1001, 2002, -100777
 BOT = "@desktop_test_bot"
 MEMORY_CANARY = "alice-private-memory-canary"
 INSTRUCTIONS_CANARY = "alice-private-instructions-canary"
+# Said by Alice, never in a summary: it is remembered only as an exchange (memory/units.py).
+EXCHANGE_CANARY = "alice-private-exchange-canary"
 SUMMARY = f"Title: Secret plans\nSummary: {MEMORY_CANARY}.\nFacts:\n- {MEMORY_CANARY}\n"
 
 
@@ -55,7 +57,7 @@ async def say(h: Harness, user: int, text: str, chat: int | None = None) -> str:
 async def alice_has_private_data(h: Harness) -> int:
     """Alice's instructions set, and a private session summarised into memory; its session id."""
     await h.agent.set_instructions(ALICE, INSTRUCTIONS_CANARY)
-    await say(h, ALICE, "my secret plans")
+    await say(h, ALICE, f"my secret plans {EXCHANGE_CANARY}")
     ended = await say(h, ALICE, "/end_session")
     assert MEMORY_CANARY in ended  # shown to Alice, in her private chat
     sessions, _ = await h.agent.list_sessions(ALICE, 0, 5)
@@ -80,6 +82,7 @@ async def test_a_members_private_data_never_reaches_the_group(h: Harness) -> Non
     assert len(answers) == 2
     for body in answers:
         assert MEMORY_CANARY not in prompt_of(body) and INSTRUCTIONS_CANARY not in prompt_of(body)
+        assert EXCHANGE_CANARY not in prompt_of(body)
 
     # commands that show private data point to the private chat and show nothing
     listed = await say(h, ALICE, "/list_sessions", chat=GROUP)
@@ -120,11 +123,14 @@ async def test_a_member_may_let_their_private_data_into_their_own_group_answers(
     await say(h, BOB, f"{BOT} what are Alice's plans?", chat=GROUP)
     alice_prompt, bob_prompt = (prompt_of(b) for b in h.ai.chat_requests[before:])
     assert MEMORY_CANARY in alice_prompt and INSTRUCTIONS_CANARY in alice_prompt
+    assert EXCHANGE_CANARY in alice_prompt  # asked about her plans: her own exchange is recalled
     assert MEMORY_CANARY not in bob_prompt and INSTRUCTIONS_CANARY not in bob_prompt
+    assert EXCHANGE_CANARY not in bob_prompt
 
 
 async def test_a_group_remembers_what_was_said_there_for_the_same_member_only(h: Harness) -> None:
-    await say(h, ALICE, f"{BOT} plans for the group", chat=GROUP)
+    group_words = "group-exchange-canary"
+    await say(h, ALICE, f"{BOT} plans for the group {group_words}", chat=GROUP)
     await say(h, ALICE, "/end_session", chat=GROUP)  # the summary becomes Alice's group memory
     before = len(h.ai.chat_requests)
     await say(h, ALICE, f"{BOT} what did we say?", chat=GROUP)
@@ -132,8 +138,10 @@ async def test_a_group_remembers_what_was_said_there_for_the_same_member_only(h:
     await say(h, BOB, f"{BOT} what did Alice say?", chat=GROUP)
     group_alice, private_alice, group_bob = (prompt_of(b) for b in h.ai.chat_requests[before:])
     assert MEMORY_CANARY in group_alice  # the group's own memory, in that group
+    assert group_words in group_alice.split("<memory>", 1)[1]  # ...with what was said there
     assert MEMORY_CANARY not in private_alice  # not carried out of the group
-    assert MEMORY_CANARY not in group_bob  # never another member's
+    assert group_words not in private_alice
+    assert MEMORY_CANARY not in group_bob and group_words not in group_bob  # never another member's
 
 
 async def test_a_command_in_a_caption_is_not_a_command(h: Harness, fake_openai: FakeOpenAI) -> None:

@@ -73,8 +73,10 @@ async def test_idle_sessions_are_summarised_and_closed_fresh_ones_stay_open(
     assert closed.status == "closed" and closed.end_reason == "idle"
     assert closed.summary is not None and "Porto" in closed.summary
     async with sessions() as db:
-        memory = (await db.execute(select(MemoryRecord))).scalar_one()
-    assert memory.id == f"1:{closed.id}"
+        units = (await db.execute(select(MemoryRecord))).scalars().all()
+    assert {unit.id for unit in units} == {
+        f"1:{closed.id}", f"1:{closed.id}:fact:1", f"1:{closed.id}:exchange:1"
+    }
     assert fresh.status == "open"
     assert summaries_requested(fake_openai) == 1
 
@@ -184,14 +186,14 @@ async def test_the_outbox_job_lands_queued_writes(
     agent_factory: Callable[..., Agent], sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     with FakePinecone() as fake:
-        memory = PineconeMemory(sessions, api_key="k", host=fake.host, attempts=1)
+        memory = PineconeMemory(sessions, "test:2", api_key="k", host=fake.host, attempts=1)
         try:
             async with sessions() as db:
                 await Users(db).ensure(6, "en")
                 await db.commit()
             fake.fail_next("upsert", 503)
             item = MemoryItem(6, 1, "t", "queued summary", "coder", None, None)
-            await memory.add(item, [1.0, 0.5])
+            await memory.add_many([item], [[1.0, 0.5]])
             assert fake.vector_count() == 0
             later = utcnow() + dt.timedelta(hours=2)
             run = await retry_memory_outbox(memory, now=later)
@@ -215,7 +217,7 @@ async def test_jobs_register_once_under_fixed_ids(
     finally:
         scheduler.shutdown(wait=False)
 
-    memory = PineconeMemory(sessions, api_key="k", host="http://127.0.0.1:9")
+    memory = PineconeMemory(sessions, "test:2", api_key="k", host="http://127.0.0.1:9")
     pinecone_agent = Agent(dataclasses.replace(local_agent.services, memory=memory))
     scheduler = build_scheduler(pinecone_agent, retention_days=30)
     scheduler.start(paused=True)
