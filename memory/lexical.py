@@ -9,11 +9,21 @@ Russian and English is stemmed word by word ("собаку" and "собаки" b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
 import numpy as np
+
+
+@cache
+def _bm25s() -> Any:
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG and logs every index it builds: quiet it.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
 
 
 @cache
@@ -31,10 +41,8 @@ def _analyzer() -> tuple[Any, list[str]]:
 
 def analyze(texts: Sequence[str]) -> list[list[str]]:
     """Each text as the stems BM25 counts: lower-cased words, stop words dropped."""
-    import bm25s
-
     stem, stopwords = _analyzer()
-    tokens: list[list[str]] = bm25s.tokenize(
+    tokens: list[list[str]] = _bm25s().tokenize(
         list(texts), stopwords=stopwords, stemmer=stem, return_ids=False, show_progress=False,
     )
     return tokens
@@ -44,13 +52,11 @@ class LexicalIndex:
     """BM25 scores of one user's memories for a query; built once per user and cached."""
 
     def __init__(self, texts: Sequence[str]) -> None:
-        import bm25s
-
         self.size = len(texts)
         documents = analyze(texts)
         self._bm25: Any = None
         if any(documents):  # bm25s cannot index a corpus without a single word
-            self._bm25 = bm25s.BM25()
+            self._bm25 = _bm25s().BM25()
             self._bm25.index([words or [""] for words in documents], show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
