@@ -16,16 +16,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
 from graph.context import Services, SummaryContext, TurnContext
-from graph.nodes import ModelStarted
+from graph.nodes import ModelStarted, normalise_summary, store_units
 from graph.roles import Role
 from graph.routing import AUTO, route
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
-from memory.base import MemoryScope
+from memory.base import EVERY_CHAT, Kind, MemoryQuery, MemoryScope, chat_scope, memory_id
+from memory.units import FinishedSession, session_units
 from storage.core import Reserved
 from storage.data_rights import DeletionReceipt, delete_user, export_user
-from storage.models import ChatSession, Message, Reminder, User, utcnow
-from storage.repositories import Budget, Messages, Reminders, Sessions, Users
+from storage.models import ChatSession, MemoryRecord, Message, Reminder, User, utcnow
+from storage.repositories import Budget, Memories, Messages, Reminders, Sessions, Users
 from storage.turns import NewQuestion, StoredQuestion, store_question
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,29 @@ class SessionView:
     def of(cls, session: ChatSession) -> SessionView:
         return cls(session.id, session.role, session.title, session.summary, session.status,
                    session.started_at)
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """One remembered unit as /memory shows it (a copy: never a live database row)."""
+
+    session_id: int | None
+    kind: str  # summary | fact | exchange
+    seq: int
+    text: str
+    title: str | None
+    role: str | None
+    started_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, record: MemoryRecord) -> MemoryView:
+        return cls(record.session_id, record.kind, record.seq, record.text, record.title,
+                   record.role, record.started_at)
+
+
+# What /memory lists: the notes about the user. Exchanges are the conversation itself, kept
+# for recall and forgotten with their session.
+LISTED_KINDS = ("summary", "fact")
 
 
 @dataclass(frozen=True)
@@ -540,6 +564,70 @@ class Agent:
         async with self.services.sessions() as db:
             session = await Sessions(db).get(user_id, session_id)
         return None if session is None else SessionView.of(session)
+
+    # --- what the user sees of their memory ---------------------------------------------
+
+    async def list_memories(
+        self, user_id: int, offset: int, limit: int
+    ) -> tuple[list[MemoryView], int]:
+        async with self.services.sessions() as db:
+            found, total = await Memories(db).page_for(user_id, LISTED_KINDS, offset, limit)
+        return [MemoryView.of(record) for record in found], total
+
+    async def forget_memory(self, user_id: int, session_id: int, kind: Kind, seq: int) -> int:
+        """Forget one fact, or a summary with everything its session left; how many units went.
+
+        The ids are built from the user asking, so a forged button can only name their own."""
+        if kind == "summary":
+            return await self.forget_session_memory(user_id, session_id)
+        return await self.services.memory.forget(user_id, [memory_id(user_id, session_id, kind, seq)])
+
+    async def forget_session_memory(self, user_id: int, session_id: int) -> int:
+        async with self.services.sessions() as db:
+            ids = await Memories(db).ids_of_session(user_id, session_id)
+        return await self.services.memory.forget(user_id, ids)
+
+    async def rewrite_memory(self, user_id: int, session_id: int, text: str) -> SessionView | None:
+        """The user's own words replace what a session left in memory (its summary, facts and
+        exchanges); None when it is not the user's closed session or cannot be stored now."""
+        async with self.services.sessions() as db:
+            session = await Sessions(db).get(user_id, session_id)
+        if session is None or session.status != "closed":
+            return None
+        summary, _ = normalise_summary(text, session.title)
+        units = session_units(FinishedSession(
+            user_id=user_id, session_id=session_id, chat_id=chat_scope(user_id, session.chat_id),
+            role=session.role, title=session.title, started_at=session.started_at,
+            ended_at=session.ended_at, summary=summary, transcript=[],
+        ))
+        await self.forget_session_memory(user_id, session_id)
+        if await store_units(self.services, user_id, units) is not None:
+            return None
+        async with self.services.sessions() as db:
+            await Sessions(db).set_summary(session_id, summary)
+            await db.commit()
+            stored = await Sessions(db).get(user_id, session_id)
+        return None if stored is None else SessionView.of(stored)
+
+    async def find_sessions(self, user_id: int, words: str, limit: int = 5) -> list[SessionView]:
+        """The user's sessions whose memories share a word with `words`, best match first (the
+        recall retriever: BM25 and vectors fused).
+
+        A billed embedder is not called for a search: words alone find the sessions then."""
+        embedder = self.services.embedder
+        vector = None if embedder.billed else (await embedder.embed([words]))[0]
+        hits = await self.services.memory.search(
+            user_id, MemoryQuery(words, vector, limit * 8, words_must_match=True), EVERY_CHAT
+        )
+        found: list[SessionView] = []
+        async with self.services.sessions() as db:
+            for session_id in dict.fromkeys(hit.session_id for hit in hits if hit.session_id):
+                session = await Sessions(db).get(user_id, session_id)
+                if session is not None:
+                    found.append(SessionView.of(session))
+                if len(found) == limit:
+                    break
+        return found
 
     async def count_messages(self, session_id: int) -> int:
         async with self.services.sessions() as db:

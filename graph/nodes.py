@@ -34,7 +34,7 @@ from graph.tools import (
     run_tool,
     schema_tokens,
 )
-from memory.base import MemoryHit, MemoryQuery, chat_scope
+from memory.base import MemoryHit, MemoryItem, MemoryQuery, chat_scope
 from memory.units import FinishedSession, session_units
 from storage import turns
 from storage.core import HistoryEntry, OverBudget, next_reset
@@ -477,27 +477,33 @@ async def remember(state: SummaryState, runtime: Runtime[SummaryContext]) -> dic
         title=state.get("title"), started_at=session.started_at, ended_at=None,
         summary=summary, transcript=state.get("transcript", []),
     ))
+    failed = await store_units(ctx.services, ctx.user_id, units)
+    if failed is not None:
+        ctx.trace.note(degraded=failed)
+        return {"remembered": False, "deferred": "budget" if failed == "budget" else "provider"}
+    ctx.trace.note(units=len(units))
+    return {"remembered": True}
+
+
+async def store_units(services: Services, user_id: int, units: list[MemoryItem]) -> str | None:
+    """Embed the units in one call (charged first when the provider bills it) and store them;
+    None when stored, else why not: "budget", or the failure's class name."""
     texts = [unit.text for unit in units]
-    services = ctx.services
     if services.embedder.billed:
         settings = services.settings
         tokens = sum(count_tokens(text, settings.embedding_model) for text in texts)
         async with services.sessions() as db:
-            room = await Budget(db).charge_if_room(
-                ctx.user_id, tokens, settings.daily_token_limit, keep=0
-            )
+            room = await Budget(db).charge_if_room(user_id, tokens, settings.daily_token_limit, keep=0)
             await db.commit()
         if not room:
-            return {"remembered": False, "deferred": "budget"}
+            return "budget"
     try:
         vectors = await services.embedder.embed(texts)
         await services.memory.add_many(units, vectors)
     except (ModelFault, IntegrityError, OSError) as exc:
-        ctx.trace.note(degraded=type(exc).__name__)
         log.warning("memory write failed: %s", type(exc).__name__)
-        return {"remembered": False, "deferred": "provider"}
-    ctx.trace.note(units=len(units))
-    return {"remembered": True}
+        return type(exc).__name__
+    return None
 
 
 async def close_session(state: SummaryState, runtime: Runtime[SummaryContext]) -> dict[str, Any]:

@@ -30,6 +30,22 @@ class SessionOpen(CallbackData, prefix="so"):
     page: int
 
 
+class SummaryReview(CallbackData, prefix="sr"):
+    """The buttons under a summary just made (handled in handlers/memory.py)."""
+
+    action: str  # keep | edit | drop | cancel
+    session: int
+
+
+def review_keyboard(session_id: int, catalog: Catalog, lang: str | None) -> InlineKeyboardMarkup:
+    builder = InlineKeyboardBuilder()
+    for action in ("keep", "edit", "drop"):
+        builder.button(text=catalog.plain(lang, f"memory.buttons.{action}"),
+                       callback_data=SummaryReview(action=action, session=session_id))
+    builder.adjust(3)
+    return builder.as_markup()
+
+
 def summary_line(summary: str | None) -> str | None:
     """The 'Summary:' sentence of the fixed-shape summary (or its first line)."""
     if not summary:
@@ -79,7 +95,11 @@ async def end_session(message: Message, agent: Agent, catalog: Catalog, lang: st
         # A summary is the user's private data: it is shown in their private chat only.
         await message.reply(catalog.text(lang, "session.ended_in_group"))
     else:
-        await message.answer(end_text(ended, catalog, lang))
+        # A summary just made can be kept as it is, edited, or left out of memory.
+        reviewable = ended.outcome == "summarised" and ended.summary
+        await message.answer(end_text(ended, catalog, lang), reply_markup=(
+            review_keyboard(ended.session_id, catalog, lang) if reviewable else None
+        ))
 
 
 async def list_sessions(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:

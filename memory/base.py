@@ -50,6 +50,7 @@ class MemoryQuery:
     text: str
     vector: list[float] | None
     limit: int  # units returned, best first
+    words_must_match: bool = False  # a search (/find): only units sharing a word with the text
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class MemoryScope:
 
     group_id: int | None = None  # None: the user's private chat
     with_private: bool = True
+    every_chat: bool = False  # the owner looking through all of their own memories (/find)
 
     @classmethod
     def for_chat(cls, user_id: int, chat_id: int, private_in_groups: bool) -> MemoryScope:
@@ -84,12 +86,15 @@ class MemoryScope:
 
     def admits(self, chat_id: int | None) -> bool:
         """Whether a memory made in `chat_id` (None: private) may be drawn on here."""
+        if self.every_chat:
+            return True
         if chat_id is None:
             return self.with_private
         return chat_id == self.group_id
 
 
 PRIVATE = MemoryScope()
+EVERY_CHAT = MemoryScope(every_chat=True)
 
 
 def chat_scope(user_id: int, chat_id: int) -> int | None:
@@ -111,6 +116,10 @@ class MemoryStore(Protocol):
     ) -> None: ...
 
     async def has_any(self, user_id: int) -> bool: ...
+
+    async def forget(self, user_id: int, ids: Sequence[str]) -> int:
+        """Remove these units of the user from every index at once; how many there were."""
+        ...
 
     async def export_user(self, user_id: int) -> list[dict[str, Any]]: ...
 

@@ -70,9 +70,12 @@ class LocalMemory:
         by id, instead of this one's vectors."""
         index = await self._index(user_id)
         admitted = np.flatnonzero([scope.admits(chat) for chat in index.chats])
+        words = index.lexical.scores(query.text)
+        if query.words_must_match:
+            admitted = admitted[words[admitted] > 0]
         if not admitted.size or query.limit <= 0:
             return []
-        lexical = index.lexical.scores(query.text)[admitted]
+        lexical = words[admitted]
         if dense is not None:
             floor = min(dense.values(), default=0.0)
             semantic = np.array([dense.get(index.ids[i], floor) for i in admitted], np.float32)
@@ -107,6 +110,13 @@ class LocalMemory:
             space=None if vector is None else self.space,
             started_at=item.started_at, ended_at=item.ended_at,
         )
+
+    async def forget(self, user_id: int, ids: Sequence[str]) -> int:
+        async with self._sessions() as db:
+            removed = await Memories(db).delete_ids(user_id, ids)
+            await db.commit()
+        self._cache.pop(user_id, None)
+        return removed
 
     async def export_user(self, user_id: int) -> list[dict[str, Any]]:
         # The units live in the SQL memories table, which the SQL export already covers.

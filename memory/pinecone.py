@@ -185,6 +185,37 @@ class PineconeMemory:
         for item, _ in pairs:
             await self._after_write(item, outbox_row=None)
 
+    async def forget(self, user_id: int, ids: Sequence[str]) -> int:
+        """Gone from the database (so never recalled again) at once; from Pinecone now, or by
+        the outbox when Pinecone does not answer."""
+        removed = await self.rows.forget(user_id, ids)
+        async with self._sessions() as db:
+            for memory_id in ids:
+                await Outbox(db).discard(memory_id)  # a queued write must not bring it back
+            await db.commit()
+        try:
+            await self._delete_ids(user_id, list(ids))
+        except MemoryUnavailable as exc:
+            async with self._sessions() as db:
+                for memory_id in ids:
+                    await Outbox(db).enqueue(
+                        user_id=user_id, memory_id=memory_id,
+                        payload=json.dumps({"v": 2, "forget": memory_id}), error=exc.cause,
+                    )
+                await db.commit()
+            log.warning("memory deletion queued for retry: %s", exc.cause)
+        return removed
+
+    async def _delete_ids(self, user_id: int, ids: list[str]) -> None:
+        if not ids:
+            return
+        index = await self._index()
+        try:
+            await self._call("delete", index.delete(ids=ids, namespace=namespace_for(user_id)))
+        except MemoryUnavailable as exc:
+            if exc.status != 404:  # 404: nothing in the namespace to delete
+                raise
+
     async def export_user(self, user_id: int) -> list[dict[str, Any]]:
         """What Pinecone holds beyond the SQL rows (which the SQL export covers): summaries
         stored with their text before units lived in SQL."""
@@ -237,13 +268,16 @@ class PineconeMemory:
         """Send queued writes that are due; stops early while Pinecone is down."""
         now = now or utcnow()
         async with self._sessions() as db:
-            rows = [
-                (row.id, decode_payload(row.payload)) for row in await Outbox(db).due(now, limit)
-            ]
+            rows = [(row.id, row.user_id, row.payload) for row in await Outbox(db).due(now, limit)]
         sent = failed = 0
-        for row_id, (item, vector) in rows:
+        for row_id, user_id, payload in rows:
+            forgotten = json.loads(payload).get("forget")
             try:
-                await self.put_many([(item, vector)])
+                if forgotten:
+                    await self._delete_ids(user_id, [forgotten])
+                else:
+                    item, vector = decode_payload(payload)
+                    await self.put_many([(item, vector)])
             except MemoryUnavailable as exc:
                 failed += 1
                 async with self._sessions() as db:
@@ -252,7 +286,12 @@ class PineconeMemory:
                 if not exc.permanent:
                     break  # an outage: the other rows would fail the same way
                 continue
-            await self._after_write(item, outbox_row=row_id)
+            if forgotten:
+                async with self._sessions() as db:
+                    await Outbox(db).done(row_id)
+                    await db.commit()
+            else:
+                await self._after_write(item, outbox_row=row_id)
             sent += 1
         if sent or failed:
             log.info("memory outbox: %d sent, %d failed", sent, failed)
@@ -427,6 +466,8 @@ def _item_from_metadata(user_id: int, metadata: dict[str, Any]) -> MemoryItem:
 
 def _scope_filter(user_id: int, scope: MemoryScope) -> dict[str, Any]:
     """The scope as a metadata filter: private memories carry no chat_id (Pinecone has no null)."""
+    if scope.every_chat:
+        return {"user_id": {"$eq": user_id}}
     allowed: list[dict[str, Any]] = []
     if scope.with_private:
         allowed.append({"chat_id": {"$exists": False}})

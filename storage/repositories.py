@@ -119,6 +119,11 @@ class Sessions:
         assert session is not None
         return session
 
+    async def set_summary(self, session_id: int, summary: str) -> None:
+        await self.db.execute(
+            update(ChatSession).where(ChatSession.id == session_id).values(summary=summary)
+        )
+
     async def set_role(self, session_id: int, role: str) -> None:
         await self.db.execute(
             update(ChatSession).where(ChatSession.id == session_id).values(role=role)
@@ -296,6 +301,35 @@ class Memories:
         # reads every one of the user's rows. The user is checked on the rows found instead.
         stmt = select(MemoryRecord).where(MemoryRecord.id.in_(list(ids)))
         return [r for r in (await self.db.execute(stmt)).scalars() if r.user_id == user_id]
+
+    async def page_for(
+        self, user_id: int, kinds: Sequence[str], offset: int, limit: int
+    ) -> tuple[Sequence[MemoryRecord], int]:
+        """The user's memories of these kinds, newest session first, and how many there are."""
+        where = (MemoryRecord.user_id == user_id, MemoryRecord.kind.in_(list(kinds)))
+        total = int(await self.db.scalar(
+            select(func.count()).select_from(MemoryRecord).where(*where)
+        ) or 0)
+        stmt = (
+            select(MemoryRecord).where(*where)
+            .order_by(MemoryRecord.started_at.desc(), MemoryRecord.session_id.desc(),
+                      MemoryRecord.kind.desc(), MemoryRecord.seq)
+            .offset(offset).limit(limit)
+        )
+        return (await self.db.execute(stmt)).scalars().all(), total
+
+    async def ids_of_session(self, user_id: int, session_id: int) -> list[str]:
+        return list(await self.db.scalars(select(MemoryRecord.id).where(
+            MemoryRecord.user_id == user_id, MemoryRecord.session_id == session_id
+        )))
+
+    async def delete_ids(self, user_id: int, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        result = await self.db.execute(delete(MemoryRecord).where(
+            MemoryRecord.user_id == user_id, MemoryRecord.id.in_(list(ids))
+        ))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     async def ids_for(self, user_id: int) -> list[str]:
         return list(await self.db.scalars(

@@ -17,6 +17,8 @@ COMMANDS = (
     "start_session",
     "end_session",
     "list_sessions",
+    "memory",
+    "find",
     "reminders",
     "export_data",
     "delete_my_data",
