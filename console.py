@@ -119,7 +119,8 @@ async def _command(agent: Agent, line: str, out: TextIO) -> None:
             first_line = (s.summary or "").split("\n", 1)[0]
             out.write(f"  #{s.id} {s.started_at:%Y-%m-%d} {s.role} {s.status} {s.title or ''} {first_line}\n")
     elif name == "/usage":
-        used, limit = await agent.usage_today(CONSOLE_USER_ID)
+        usage = await agent.usage(CONSOLE_USER_ID)
+        used, limit = usage.used, usage.limit
         out.write(f"{used} of {limit} tokens used today\n")
     else:
         out.write(f"unknown command {name}; /help lists them\n")

@@ -21,9 +21,9 @@ from graph.roles import Role
 from graph.routing import AUTO, route
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
-from memory.base import EVERY_CHAT, Kind, MemoryQuery, MemoryScope, chat_scope, memory_id
+from memory.base import EVERY_CHAT, Kind, MemoryItem, MemoryQuery, MemoryScope, chat_scope, memory_id
 from memory.units import FinishedSession, session_units
-from storage.core import Reserved
+from storage.core import Reserved, next_reset, utc_day
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, MemoryRecord, Message, Reminder, User, utcnow
 from storage.repositories import Budget, Memories, Messages, Reminders, Sessions, Users
@@ -49,6 +49,36 @@ class Answer:
     text: str
     complete: bool  # False: the stream was cut and this is what arrived
     charged: int
+    question_id: int = 0  # the message answered: what the answer used is found by it
+    memories_used: int = 0  # remembered units its prompt drew on (shown under the answer)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Today's use of the daily allowance, and when it resets in the user's time zone."""
+
+    used: int  # charged, and held for answers being made right now
+    limit: int
+    resets_at: dt.datetime  # in `timezone`
+    timezone: str  # the user's, or UTC
+
+    @property
+    def left(self) -> int:
+        return max(0, self.limit - self.used)
+
+    @property
+    def percent(self) -> int:
+        return 100 if self.limit <= 0 else min(100, round(100 * self.used / self.limit))
+
+
+@dataclass(frozen=True)
+class BudgetWarning:
+    """Most of the day's allowance is used (WARN_AT): said once a day, in the private chat."""
+
+    usage: Usage
+
+
+WARN_AT = 0.8
 
 
 @dataclass(frozen=True)
@@ -80,7 +110,9 @@ class Resumed:
     """A message a crash left unanswered is being answered now."""
 
 
-TurnEvent = SessionStarted | Routed | Resumed | Delta | Answer | Refusal | Failure | Duplicate
+TurnEvent = (
+    SessionStarted | Routed | Resumed | Delta | Answer | Refusal | Failure | Duplicate | BudgetWarning
+)
 
 
 @dataclass(frozen=True)
@@ -101,11 +133,12 @@ class UserView:
     language: str | None
     private_data_in_groups: bool
     timezone: str | None
+    memory_per_role: bool = False
 
     @classmethod
     def of(cls, user: User) -> UserView:
         return cls(user.id, user.role, user.instructions, user.language, user.private_data_in_groups,
-                   user.timezone)
+                   user.timezone, user.memory_per_role)
 
 
 @dataclass(frozen=True)
@@ -308,6 +341,12 @@ class Agent:
             await Users(db).set_private_data_in_groups(user_id, allowed)
             await db.commit()
 
+    async def set_memory_per_role(self, user_id: int, per_role: bool) -> None:
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            await Users(db).set_memory_per_role(user_id, per_role)
+            await db.commit()
+
     # --- reminders -------------------------------------------------------------------------
 
     async def reminders(self, user_id: int) -> list[ReminderView]:
@@ -384,7 +423,11 @@ class Agent:
         if stored.resumed:
             yield Resumed()
         trace = RunTrace("turn", user_id, stored.session_id)
-        scope = MemoryScope.for_chat(user_id, chat_id, stored.private_in_groups)
+        scope = MemoryScope.for_chat(
+            user_id, chat_id, stored.private_in_groups,
+            role=role.id if stored.memory_per_role else None,
+        )
+        settings = self.services.settings
         run = TurnRun()
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id,
@@ -392,6 +435,7 @@ class Agent:
             # A group sees the user's own instructions only when the user allowed it.
             instructions=stored.instructions if scope.with_private else None,
             memory_scope=scope,
+            daily_limit=settings.daily_token_limit if stored.daily_limit is None else stored.daily_limit,
             history=stored.history, trace=trace,
             # Tools act on the user's private things (reminders): only in their private chat.
             tool_names=role.tools if chat_id == user_id else (), report=run.report,
@@ -422,7 +466,12 @@ class Agent:
         finally:
             await _stop(run.task)  # the front end stopped listening early: the run goes with it
         # The answer goes out first; its trace is written while the user already reads it.
-        yield self._final_event(final)
+        event = self._final_event(final, stored.question_id)
+        yield event
+        if isinstance(event, Answer) and chat_id == user_id:  # usage is private: not in groups
+            warning = await self._warning(user_id, context.daily_limit)
+            if warning is not None:
+                yield warning
         self._save_trace(trace)
 
     async def _store_question(
@@ -469,7 +518,8 @@ class Agent:
         history = await Messages(db).history(session.id, limit, before_id=earlier.id)
         return StoredQuestion(
             session.id, session.role, earlier.id, user.instructions, history,
-            user.private_data_in_groups, resumed=True,
+            user.private_data_in_groups, resumed=True, daily_limit=user.daily_limit,
+            memory_per_role=user.memory_per_role,
         )
 
     async def _settle_abandoned(self, run: TurnRun) -> None:
@@ -482,7 +532,7 @@ class Agent:
             await db.commit()
 
     @staticmethod
-    def _final_event(final: dict[str, Any]) -> TurnEvent:
+    def _final_event(final: dict[str, Any], question_id: int) -> TurnEvent:
         outcome = final.get("outcome")
         if outcome == "refused":
             refusal = final["refusal"]
@@ -492,7 +542,10 @@ class Agent:
         result = final.get("result")
         if outcome in ("answered", "partial") and result is not None:
             complete = outcome == "answered" and not result.truncated
-            return Answer(final.get("answer_text", result.text), complete, final.get("charged", 0))
+            return Answer(
+                final.get("answer_text", result.text), complete, final.get("charged", 0),
+                question_id=question_id, memories_used=len(final.get("memories", [])),
+            )
         return Failure(result.fault if result is not None and result.fault else "error")
 
     def _save_trace(self, trace: RunTrace) -> None:
@@ -580,7 +633,26 @@ class Agent:
         The ids are built from the user asking, so a forged button can only name their own."""
         if kind == "summary":
             return await self.forget_session_memory(user_id, session_id)
+        return await self.forget_unit(user_id, session_id, kind, seq)
+
+    async def forget_unit(self, user_id: int, session_id: int, kind: Kind, seq: int) -> int:
         return await self.services.memory.forget(user_id, [memory_id(user_id, session_id, kind, seq)])
+
+    async def correct_memory(self, user_id: int, session_id: int, text: str) -> bool:
+        """The user's correction, remembered as a fact of the session the wrong memory came
+        from; False when it is not the user's session or cannot be stored now."""
+        async with self.services.sessions() as db:
+            session = await Sessions(db).get(user_id, session_id)
+            seq = await Memories(db).next_seq(user_id, session_id, "fact") if session else 0
+        if session is None:
+            return False
+        correction = MemoryItem(
+            user_id=user_id, session_id=session_id, title=session.title,
+            text=f"Correction from the user: {text}", role=session.role,
+            started_at=session.started_at, ended_at=session.ended_at,
+            chat_id=chat_scope(user_id, session.chat_id), kind="fact", seq=seq,
+        )
+        return await store_units(self.services, user_id, [correction]) is None
 
     async def forget_session_memory(self, user_id: int, session_id: int) -> int:
         async with self.services.sessions() as db:
@@ -609,6 +681,15 @@ class Agent:
             stored = await Sessions(db).get(user_id, session_id)
         return None if stored is None else SessionView.of(stored)
 
+    async def memories_used(self, user_id: int, question_id: int) -> list[MemoryView]:
+        """The units the answer to this question drew on that are still remembered; nothing
+        for another user's question (ids from buttons are not trusted)."""
+        async with self.services.sessions() as db:
+            ids = await Messages(db).memories_used(user_id, question_id)
+            records = await Memories(db).by_ids(user_id, ids)
+        order = {unit: i for i, unit in enumerate(ids)}
+        return [MemoryView.of(r) for r in sorted(records, key=lambda r: order[r.id])]
+
     async def find_sessions(self, user_id: int, words: str, limit: int = 5) -> list[SessionView]:
         """The user's sessions whose memories share a word with `words`, best match first (the
         recall retriever: BM25 and vectors fused).
@@ -633,11 +714,46 @@ class Agent:
         async with self.services.sessions() as db:
             return await Messages(db).count_for_session(session_id)
 
-    async def usage_today(self, user_id: int) -> tuple[int, int]:
+    async def usage(self, user_id: int) -> Usage:
         async with self.services.sessions() as db:
             day = await Budget(db).day(user_id)
-        used = 0 if day is None else day.used + day.reserved
-        return used, self.services.settings.daily_token_limit
+            user = await Users(db).get(user_id)
+        settings = self.services.settings
+        own = None if user is None else user.daily_limit
+        zone = (user.timezone if user is not None else None) or "UTC"
+        return Usage(
+            used=0 if day is None else day.used + day.reserved,
+            limit=settings.daily_token_limit if own is None else own,
+            resets_at=next_reset(utcnow()).astimezone(ZoneInfo(zone)), timezone=zone,
+        )
+
+    async def _warning(self, user_id: int, limit: int) -> BudgetWarning | None:
+        """A warning when this answer took the day past WARN_AT of the limit, once a day."""
+        async with self.services.sessions() as db:
+            day = await Budget(db).day(user_id)
+            used = 0 if day is None else day.used + day.reserved
+            if limit <= 0 or used < WARN_AT * limit:
+                return None
+            first_today = await Users(db).claim_warning(user_id, utc_day(utcnow()))
+            await db.commit()
+        return BudgetWarning(await self.usage(user_id)) if first_today else None
+
+    # --- what an operator (ADMIN_USER_IDS) sees and sets ---------------------------------------
+
+    async def usage_of_everyone(self) -> list[tuple[int, int, int]]:
+        """(user, used today, their limit) for every user with a ledger today, most used first."""
+        default = self.services.settings.daily_token_limit
+        async with self.services.sessions() as db:
+            rows = await Budget(db).today_for_everyone()
+        return [(user, used + reserved, default if own is None else own)
+                for user, used, reserved, own in rows]
+
+    async def set_daily_limit(self, user_id: int, limit: int | None) -> bool:
+        """An operator's limit for one user (None: the deployment's); False: no such user."""
+        async with self.services.sessions() as db:
+            found = await Users(db).set_daily_limit(user_id, limit)
+            await db.commit()
+        return found
 
     # --- data rights ---------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class TurnContext:
     history: list[HistoryEntry]  # read with the question (storage/turns.py), oldest first
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
+    daily_limit: int = 0  # the user's allowance today (their own, or DAILY_TOKEN_LIMIT)
     # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
     tool_names: tuple[str, ...] = ()
     # Where the run reports as it goes (the agent's TurnRun): each reservation as it is made,

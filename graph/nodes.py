@@ -12,6 +12,7 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.runtime import Runtime
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.consult import consult_schemas, consult_tools
 from graph.context import Services, SummaryContext, TurnContext
@@ -39,7 +40,7 @@ from memory.units import FinishedSession, session_units
 from storage import turns
 from storage.core import HistoryEntry, OverBudget, next_reset
 from storage.models import utcnow
-from storage.repositories import Budget, Messages, Sessions
+from storage.repositories import Budget, Messages, Sessions, Users
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ async def _charge_embedding(ctx: TurnContext, text: str) -> bool:
     )
     async with ctx.services.sessions() as db:
         admitted = await Budget(db).charge_if_room(
-            ctx.user_id, tokens, settings.daily_token_limit, keep=keep
+            ctx.user_id, tokens, ctx.daily_limit, keep=keep
         )
         await db.commit()
     return admitted
@@ -189,7 +190,7 @@ MODEL_STARTED = ModelStarted()
 async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     ctx = runtime.context
     settings = ctx.services.settings
-    limit = settings.daily_token_limit
+    limit = ctx.daily_limit
     role_cap = ctx.role.max_output_tokens
 
     def size(remaining: int) -> tuple[int, int]:
@@ -319,6 +320,13 @@ def charge_for(result: ModelResult, reserved: int) -> int:
     return 0  # refused before any work: 429, 5xx, quota, auth
 
 
+async def allowance(db: AsyncSession, services: Services, user_id: int) -> int:
+    """The user's daily limit: their own when an operator set one, else DAILY_TOKEN_LIMIT.
+    (A message's turn has it in its context, read with the question.)"""
+    own = await Users(db).daily_limit(user_id)
+    return services.settings.daily_token_limit if own is None else own
+
+
 async def complete_within_allowance(
     services: Services, user_id: int, messages: list[BaseMessage], *, model: str,
     temperature: float, max_tokens: int,
@@ -330,7 +338,7 @@ async def complete_within_allowance(
     amount = padded(count_messages(messages, model)) + max_tokens
     async with services.sessions() as db:
         held = await Budget(db).reserve(
-            user_id, amount, services.settings.daily_token_limit,
+            user_id, amount, await allowance(db, services, user_id),
             ttl_seconds=services.settings.reservation_ttl_seconds,
         )
         await db.commit()
@@ -367,6 +375,7 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         charged=charged, text=text, complete=outcome == "answered",
         prompt_tokens=result.input_tokens or state["prompt_tokens"],
         completion_tokens=result.output_tokens or 0,
+        memory_ids=tuple(hit.id for hit in state.get("memories", [])),
     )
     try:
         async with ctx.services.sessions() as db:
@@ -493,7 +502,9 @@ async def store_units(services: Services, user_id: int, units: list[MemoryItem])
         settings = services.settings
         tokens = sum(count_tokens(text, settings.embedding_model) for text in texts)
         async with services.sessions() as db:
-            room = await Budget(db).charge_if_room(user_id, tokens, settings.daily_token_limit, keep=0)
+            room = await Budget(db).charge_if_room(
+                user_id, tokens, await allowance(db, services, user_id), keep=0
+            )
             await db.commit()
         if not room:
             return "budget"

@@ -19,7 +19,17 @@ from aiogram.fsm.storage.redis import RedisStorage
 from redis.asyncio import Redis
 
 from graph.agent import Agent
-from handlers import chat, commands, data_rights, flood, memory, personalize, reminders, sessions
+from handlers import (
+    chat,
+    commands,
+    data_rights,
+    flood,
+    memory,
+    personalize,
+    reminders,
+    sessions,
+    usage,
+)
 from handlers.delivery import Delivery
 from handlers.fleet import ChatLocks, SharedPacer
 from handlers.i18n import Catalog
@@ -61,6 +71,7 @@ def root_router() -> Router:
         personalize.build_router(),
         sessions.build_router(),
         memory.build_router(),
+        usage.build_router(),
         data_rights.build_router(),
         reminders.build_router(),
         chat.build_router(),  # last: it takes whatever the others did not

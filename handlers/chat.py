@@ -14,6 +14,7 @@ from aiogram.utils.chat_action import ChatActionSender
 from graph.agent import (
     Agent,
     Answer,
+    BudgetWarning,
     Delta,
     Duplicate,
     Failure,
@@ -25,7 +26,9 @@ from graph.agent import (
 from handlers.delivery import UNDELIVERED
 from handlers.filters import HasText
 from handlers.i18n import Catalog
+from handlers.memory import used_memories_button
 from handlers.streaming import AnswerStream, ChatPacer
+from handlers.usage import usage_text
 from storage.crypto import DecryptionError
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,12 @@ async def _show(
         stream.add(event.text)
     elif isinstance(event, Answer):
         note = None if event.complete else catalog.text(lang, "chat.answer_cut")
-        await stream.finish(event.text, note=note)
+        # What shaped the answer, one press away (memories are private: private chats only).
+        markup = (
+            used_memories_button(event.question_id, event.memories_used, catalog, lang)
+            if event.memories_used and message.chat.type == "private" else None
+        )
+        await stream.finish(event.text, note=note, markup=markup)
     elif isinstance(event, Refusal):
         await stream.abandon()
         await message.answer(catalog.text(
@@ -144,6 +152,8 @@ async def _show(
             await alert_admins(bot, agent, catalog, "quota_exhausted")
     elif isinstance(event, Duplicate):
         await stream.abandon()
+    elif isinstance(event, BudgetWarning):
+        await message.answer(usage_text(event.usage, catalog, lang, "usage.warning"))
 
 
 async def alert_admins(bot: Bot, agent: Agent, catalog: Catalog, kind: str, **params: object) -> None:

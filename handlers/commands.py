@@ -12,13 +12,14 @@ from handlers.filters import HasText, InGroup
 from handlers.i18n import Catalog
 
 MENU = (
-    "start_session", "end_session", "list_sessions", "memory", "find", "reminders", "personalize",
-    "export_data", "delete_my_data", "help", "start",
+    "start_session", "end_session", "list_sessions", "memory", "find", "reminders", "usage",
+    "personalize", "export_data", "delete_my_data", "help", "start",
 )
 # Commands that show or change a user's private data (sessions, summaries, instructions,
 # memory, the whole export): answered in the owner's private chat only (README, "Groups").
 PRIVATE_ONLY = (
-    "list_sessions", "memory", "find", "reminders", "personalize", "export_data", "delete_my_data",
+    "list_sessions", "memory", "find", "reminders", "usage", "personalize", "export_data",
+    "delete_my_data",
 )
 
 

@@ -40,8 +40,21 @@ class MemoryForget(CallbackData, prefix="mf"):
     page: int
 
 
+class MemoryUsed(CallbackData, prefix="mu"):
+    question: int  # the message whose answer drew on memories
+
+
+class UsedForget(CallbackData, prefix="uf"):
+    question: int
+    session: int
+    kind: str  # s | f | x
+    seq: int
+    wrong: bool  # "This is wrong": forgotten, and the user is asked what is right
+
+
 class Reviewing(StatesGroup):
     waiting_for_summary = State()
+    waiting_for_correction = State()
 
 
 # --- /memory --------------------------------------------------------------------------------
@@ -119,16 +132,108 @@ async def memory_page(
     return "\n\n".join(lines), builder.as_markup()
 
 
-def _item(index: int, memory: MemoryView, agent: Agent, catalog: Catalog, lang: str | None) -> str:
+def _item(
+    index: int, memory: MemoryView, agent: Agent, catalog: Catalog, lang: str | None,
+    whole: bool = False,
+) -> str:
     date = f"{memory.started_at:%Y-%m-%d}" if memory.started_at else "—"
     role = agent.role_for(memory.role or "").label(lang) if memory.role else "—"
     if memory.kind == "summary":
         return catalog.text(
             lang, "memory.item_summary", index=index, date=date, role=role,
             title=memory.title or catalog.plain(lang, "session.untitled"),
-            text=summary_line(memory.text) or memory.text[:200],
+            text=memory.text if whole else summary_line(memory.text) or memory.text[:200],
         )
+    if memory.kind == "exchange":
+        return catalog.text(lang, "memory.item_exchange", index=index, date=date, role=role,
+                            text=memory.text)
     return catalog.text(lang, "memory.item_fact", index=index, date=date, role=role, text=memory.text)
+
+
+# --- what an answer used ---------------------------------------------------------------------
+
+
+def used_memories_button(
+    question_id: int, count: int, catalog: Catalog, lang: str | None
+) -> InlineKeyboardMarkup:
+    builder = InlineKeyboardBuilder()
+    builder.button(text=catalog.plain(lang, "memory.buttons.used", count=count),
+                   callback_data=MemoryUsed(question=question_id))
+    return builder.as_markup()
+
+
+async def show_used(
+    query: CallbackQuery, callback_data: MemoryUsed, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    text, markup = await used_view(query.from_user.id, callback_data.question, agent, catalog, lang)
+    if markup is None:
+        await query.answer(catalog.plain(lang, "memory.used_gone"), show_alert=True)
+        return
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.answer(text, reply_markup=markup)
+
+
+async def used_view(
+    user_id: int, question_id: int, agent: Agent, catalog: Catalog, lang: str | None
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    used = await agent.memories_used(user_id, question_id) if 0 < question_id <= MAX_ID else []
+    if not used:
+        return catalog.text(lang, "memory.used_gone"), None
+    lines = [catalog.text(lang, "memory.used_header", count=len(used))]
+    builder = InlineKeyboardBuilder()
+    for index, memory in enumerate(used, 1):
+        lines.append(_item(index, memory, agent, catalog, lang, whole=True))
+        code = next(c for c, k in KIND_CODES.items() if k == memory.kind)
+        for wrong in (False, True):
+            builder.button(
+                text=catalog.plain(lang, "memory.buttons.wrong" if wrong else "memory.buttons.forget",
+                                   index=index),
+                callback_data=UsedForget(question=question_id, session=memory.session_id or 0,
+                                         kind=code, seq=memory.seq, wrong=wrong),
+            )
+    builder.adjust(2)
+    return "\n\n".join(lines), builder.as_markup()
+
+
+async def forget_used(
+    query: CallbackQuery, callback_data: UsedForget, state: FSMContext, agent: Agent,
+    catalog: Catalog, lang: str | None,
+) -> None:
+    kind = KIND_CODES.get(callback_data.kind)
+    valid = kind is not None and 0 < callback_data.session <= MAX_ID and 0 <= callback_data.seq <= MAX_SEQ
+    # Only this one unit, even for a summary: the answer named it, not its whole session.
+    removed = await agent.forget_unit(
+        query.from_user.id, callback_data.session, kind, callback_data.seq
+    ) if valid and kind is not None else 0
+    if not removed:
+        await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+        return
+    await query.answer(catalog.plain(lang, "memory.forgotten"))
+    text, markup = await used_view(query.from_user.id, callback_data.question, agent, catalog, lang)
+    message = query.message if isinstance(query.message, Message) else None
+    if message is not None:
+        await message.edit_text(text, reply_markup=markup)
+    if callback_data.wrong and message is not None:
+        await state.set_state(Reviewing.waiting_for_correction)
+        await state.update_data(session=callback_data.session)
+        await message.answer(catalog.text(lang, "memory.correction_prompt", max=MAX_EDIT))
+
+
+async def correction(
+    message: Message, state: FSMContext, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    assert message.from_user is not None and message.text is not None
+    text = message.text.strip()
+    if len(text) > MAX_EDIT:
+        await message.answer(catalog.text(lang, "memory.edit_too_long", length=len(text), max=MAX_EDIT))
+        return
+    session_id = int((await state.get_data()).get("session") or 0)
+    await state.clear()
+    if not await agent.correct_memory(message.from_user.id, session_id, text):
+        await message.answer(catalog.text(lang, "memory.edit_failed"))
+        return
+    await message.answer(catalog.text(lang, "memory.corrected"))
 
 
 # --- /find ----------------------------------------------------------------------------------
@@ -235,4 +340,10 @@ def build_router() -> Router:
     router.callback_query(MemoryPage.filter())(turn_memory_page)
     router.callback_query(MemoryForget.filter())(forget)
     router.callback_query(SummaryReview.filter())(review)
+    router.callback_query(MemoryUsed.filter())(show_used)
+    router.callback_query(UsedForget.filter())(forget_used)
+    router.message(
+        StateFilter(Reviewing.waiting_for_correction), F.chat.type == "private",
+        ~F.text.startswith("/"),
+    )(correction)
     return router

@@ -12,7 +12,7 @@ from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import AUTO_ROLE, Agent
+from graph.agent import AUTO_ROLE, Agent, UserView
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
 
@@ -31,6 +31,10 @@ class GroupSharing(CallbackData, prefix="share"):
     on: bool  # the new setting: private memory and instructions in this user's group answers
 
 
+class MemoryPerRole(CallbackData, prefix="mrole"):
+    on: bool  # the new setting: answers draw only on memories made in the answering role
+
+
 class Personalize(StatesGroup):
     waiting_for_instructions = State()
     waiting_for_timezone = State()
@@ -41,7 +45,7 @@ class TimezoneAction(CallbackData, prefix="tz"):
 
 
 def menu_keyboard(
-    agent: Agent, catalog: Catalog, lang: str | None, current: str, shared_in_groups: bool
+    agent: Agent, catalog: Catalog, lang: str | None, current: str, user: UserView
 ) -> InlineKeyboardMarkup:
     builder = InlineKeyboardBuilder()
     for role in (AUTO_ROLE, *agent.services.roles.roles()):
@@ -63,9 +67,19 @@ def menu_keyboard(
     )
     builder.button(
         text=catalog.plain(
-            lang, "personalize.buttons.groups_on" if shared_in_groups else "personalize.buttons.groups_off"
+            lang,
+            "personalize.buttons.groups_on" if user.private_data_in_groups
+            else "personalize.buttons.groups_off",
         ),
-        callback_data=GroupSharing(on=not shared_in_groups),
+        callback_data=GroupSharing(on=not user.private_data_in_groups),
+    )
+    builder.button(
+        text=catalog.plain(
+            lang,
+            "personalize.buttons.memory_per_role" if user.memory_per_role
+            else "personalize.buttons.memory_shared",
+        ),
+        callback_data=MemoryPerRole(on=not user.memory_per_role),
     )
     builder.adjust(1)
     return builder.as_markup()
@@ -88,8 +102,11 @@ async def personalize(message: Message, agent: Agent, catalog: Catalog, lang: st
     text += "\n\n" + catalog.text(
         lang, "personalize.groups_on" if profile.user.private_data_in_groups else "personalize.groups_off"
     )
+    text += "\n" + catalog.text(
+        lang, "personalize.memory_per_role" if profile.user.memory_per_role else "personalize.memory_shared"
+    )
     await message.answer(text, reply_markup=menu_keyboard(
-        agent, catalog, lang, profile.role.id, profile.user.private_data_in_groups
+        agent, catalog, lang, profile.role.id, profile.user
     ))
 
 
@@ -107,9 +124,7 @@ async def choose_role(
             catalog.text(
                 lang, "personalize.role_set", role=role.label(lang), description=role.describe(lang)
             ),
-            reply_markup=menu_keyboard(
-                agent, catalog, lang, role.id, profile.user.private_data_in_groups
-            ),
+            reply_markup=menu_keyboard(agent, catalog, lang, role.id, profile.user),
         )
 
 
@@ -124,7 +139,22 @@ async def toggle_group_sharing(
     ), show_alert=True)
     if isinstance(query.message, Message):
         await query.message.edit_reply_markup(reply_markup=menu_keyboard(
-            agent, catalog, lang, profile.role.id, callback_data.on
+            agent, catalog, lang, profile.role.id, profile.user
+        ))
+
+
+async def toggle_memory_per_role(
+    query: CallbackQuery, callback_data: MemoryPerRole, agent: Agent, catalog: Catalog,
+    lang: str | None,
+) -> None:
+    await agent.set_memory_per_role(query.from_user.id, callback_data.on)
+    profile = await agent.profile(query.from_user.id, lang)
+    await query.answer(catalog.plain(
+        lang, "personalize.memory_per_role" if callback_data.on else "personalize.memory_shared"
+    ), show_alert=True)
+    if isinstance(query.message, Message):
+        await query.message.edit_reply_markup(reply_markup=menu_keyboard(
+            agent, catalog, lang, profile.role.id, profile.user
         ))
 
 
@@ -237,6 +267,7 @@ def build_router() -> Router:
     router.callback_query.filter(InOwnersPrivateChat())
     router.message(Command("personalize"))(personalize)
     router.callback_query(GroupSharing.filter())(toggle_group_sharing)
+    router.callback_query(MemoryPerRole.filter())(toggle_memory_per_role)
     router.callback_query(RoleChoice.filter())(choose_role)
     router.callback_query(InstructionsAction.filter(F.action == "edit"))(ask_instructions)
     router.callback_query(InstructionsAction.filter(F.action == "clear"))(clear_instructions)

@@ -16,7 +16,7 @@ from aiogram.exceptions import (
     TelegramNetworkError,
     TelegramServerError,
 )
-from aiogram.types import Message, MessageEntity, ReplyParameters
+from aiogram.types import InlineKeyboardMarkup, Message, MessageEntity, ReplyParameters
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from handlers.formatting import TELEGRAM_LIMIT, Part, render_parts
@@ -84,8 +84,12 @@ class AnswerStream:
     def text(self) -> str:
         return self._text
 
-    async def finish(self, final_text: str | None = None, note: str | None = None) -> list[Message]:
-        """Stop previews and deliver the whole answer (split, formatted, plain as a fallback)."""
+    async def finish(
+        self, final_text: str | None = None, note: str | None = None,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> list[Message]:
+        """Stop previews and deliver the whole answer (split, formatted, plain as a fallback);
+        `markup` goes under its last part."""
         await self._stop_painter()
         text = self._text if final_text is None else final_text
         if note:
@@ -93,13 +97,19 @@ class AnswerStream:
         if not text.strip():
             await self._drop_placeholder()
             return []
-        return [await self._deliver_part(index, part) for index, part in enumerate(render_parts(text))]
+        parts = render_parts(text)
+        return [
+            await self._deliver_part(index, part, markup if index == len(parts) - 1 else None)
+            for index, part in enumerate(parts)
+        ]
 
     async def abandon(self) -> None:
         await self._stop_painter()
         await self._drop_placeholder()
 
-    async def _deliver_part(self, index: int, part: Part) -> Message:
+    async def _deliver_part(
+        self, index: int, part: Part, markup: InlineKeyboardMarkup | None = None
+    ) -> Message:
         """One part with its entities; if Telegram rejects them, the same text plain (once).
 
         A Telegram 5xx or a dropped connection is tried again a few times here, seconds apart;
@@ -111,27 +121,30 @@ class AnswerStream:
             reraise=True,
         ):
             with attempt:
-                return await self._deliver_formatted(index, part)
+                return await self._deliver_formatted(index, part, markup)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _deliver_formatted(self, index: int, part: Part) -> Message:
+    async def _deliver_formatted(
+        self, index: int, part: Part, markup: InlineKeyboardMarkup | None
+    ) -> Message:
         try:
-            return await self._send_part(index, part.text, part.telegram_entities())
+            return await self._send_part(index, part.text, part.telegram_entities(), markup)
         except TelegramBadRequest as exc:
             if not any(word in str(exc).lower() for word in ("parse", "entit", "url")):
                 raise
             log.warning("formatting rejected by Telegram: part %d sent as plain text", index)
-            return await self._send_part(index, part.text, None)
+            return await self._send_part(index, part.text, None, markup)
 
     async def _send_part(
-        self, index: int, text: str, entities: list[MessageEntity] | None
+        self, index: int, text: str, entities: list[MessageEntity] | None,
+        markup: InlineKeyboardMarkup | None = None,
     ) -> Message:
         # parse_mode=None always: the bot's default is HTML, which would read the text as markup.
         if index == 0 and self.placeholder is not None:
-            return await self._edit_placeholder(text, entities)
+            return await self._edit_placeholder(text, entities, markup)
         sent = await self.bot.send_message(
             self.chat_id, text, parse_mode=None, entities=entities,
-            reply_parameters=self._reply() if index == 0 else None,
+            reply_parameters=self._reply() if index == 0 else None, reply_markup=markup,
         )
         self.pacer.mark(self.chat_id)
         return sent
@@ -141,12 +154,14 @@ class AnswerStream:
             return None
         return ReplyParameters(message_id=self.reply_to, allow_sending_without_reply=True)
 
-    async def _edit_placeholder(self, text: str, entities: list[MessageEntity] | None) -> Message:
+    async def _edit_placeholder(
+        self, text: str, entities: list[MessageEntity] | None, markup: InlineKeyboardMarkup | None
+    ) -> Message:
         assert self.placeholder is not None
         try:
             edited = await self.bot.edit_message_text(
                 text, chat_id=self.chat_id, message_id=self.placeholder.message_id,
-                parse_mode=None, entities=entities,
+                parse_mode=None, entities=entities, reply_markup=markup,
             )
         except TelegramBadRequest as exc:
             if "not modified" not in str(exc):

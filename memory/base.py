@@ -76,16 +76,21 @@ class MemoryScope:
     group_id: int | None = None  # None: the user's private chat
     with_private: bool = True
     every_chat: bool = False  # the owner looking through all of their own memories (/find)
+    role: str | None = None  # only memories made in this role (the user's choice); None: any
 
     @classmethod
-    def for_chat(cls, user_id: int, chat_id: int, private_in_groups: bool) -> MemoryScope:
+    def for_chat(
+        cls, user_id: int, chat_id: int, private_in_groups: bool, role: str | None = None
+    ) -> MemoryScope:
         # Telegram gives a private chat the id of the user it is with.
         if chat_id == user_id:
-            return cls()
-        return cls(group_id=chat_id, with_private=private_in_groups)
+            return cls(role=role)
+        return cls(group_id=chat_id, with_private=private_in_groups, role=role)
 
-    def admits(self, chat_id: int | None) -> bool:
-        """Whether a memory made in `chat_id` (None: private) may be drawn on here."""
+    def admits(self, chat_id: int | None, role: str | None = None) -> bool:
+        """Whether a memory made in `chat_id` (None: private), in `role`, may be drawn on here."""
+        if self.role is not None and role != self.role:
+            return False
         if self.every_chat:
             return True
         if chat_id is None:

@@ -35,6 +35,7 @@ class _UserIndex:
 
     ids: list[str]
     chats: list[int | None]  # the chat each memory was made in (None: private)
+    roles: list[str | None]  # the role each was made in
     lexical: LexicalIndex
     vectors: np.ndarray  # (n, dims) float32, L2-normalised; zero rows: no vector in this space
 
@@ -69,7 +70,9 @@ class LocalMemory:
         """The user's units best first. `dense`: scores from another vector index (Pinecone),
         by id, instead of this one's vectors."""
         index = await self._index(user_id)
-        admitted = np.flatnonzero([scope.admits(chat) for chat in index.chats])
+        admitted = np.flatnonzero([
+            scope.admits(chat, role) for chat, role in zip(index.chats, index.roles, strict=True)
+        ])
         words = index.lexical.scores(query.text)
         if query.words_must_match:
             admitted = admitted[words[admitted] > 0]
@@ -153,6 +156,7 @@ class LocalMemory:
             rows = await Memories(db).index_rows_for(user_id)
         return _UserIndex(
             ids=[row.id for row in rows], chats=[row.chat_id for row in rows],
+            roles=[row.role for row in rows],
             lexical=LexicalIndex([with_date(row.text, row.started_at) for row in rows]),
             vectors=self._vectors(rows),
         )

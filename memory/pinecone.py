@@ -165,7 +165,8 @@ class PineconeMemory:
             metadata = dict(match.metadata or {})
             # The filter already holds both; checked again so a filter Pinecone ignored leaks
             # nothing (and rank() draws only on the user's own rows in any case).
-            if _int(metadata.get("user_id")) == user_id and scope.admits(_int(metadata.get("chat_id"))):
+            chat, role = _int(metadata.get("chat_id")), metadata.get("role")
+            if _int(metadata.get("user_id")) == user_id and scope.admits(chat, role):
                 nearest[match.id] = float(match.score or 0.0)
         return nearest
 
@@ -466,14 +467,17 @@ def _item_from_metadata(user_id: int, metadata: dict[str, Any]) -> MemoryItem:
 
 def _scope_filter(user_id: int, scope: MemoryScope) -> dict[str, Any]:
     """The scope as a metadata filter: private memories carry no chat_id (Pinecone has no null)."""
+    conditions: list[dict[str, Any]] = [{"user_id": {"$eq": user_id}}]
+    if scope.role is not None:
+        conditions.append({"role": {"$eq": scope.role}})
     if scope.every_chat:
-        return {"user_id": {"$eq": user_id}}
+        return conditions[0] if len(conditions) == 1 else {"$and": conditions}
     allowed: list[dict[str, Any]] = []
     if scope.with_private:
         allowed.append({"chat_id": {"$exists": False}})
     if scope.group_id is not None:
         allowed.append({"chat_id": {"$eq": scope.group_id}})
-    return {"$and": [{"user_id": {"$eq": user_id}}, {"$or": allowed}]}
+    return {"$and": [*conditions, {"$or": allowed}]}
 
 
 def _export_record(vector_id: str, metadata: dict[str, Any], *, store: str) -> dict[str, Any]:

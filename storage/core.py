@@ -14,7 +14,9 @@ and decrypted on the way out, as with the ORM.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
@@ -68,7 +70,7 @@ class _Statements:
     def __init__(self, dialect_insert: Any) -> None:
         self.user = select(
             users.c.id, users.c.role, users.c.instructions, users.c.language,
-            users.c.private_data_in_groups,
+            users.c.private_data_in_groups, users.c.daily_limit, users.c.memory_per_role,
         ).where(
             users.c.id == bindparam("user_id")
         )
@@ -77,7 +79,7 @@ class _Statements:
         self.user_and_session = (
             select(
                 users.c.id, users.c.role, users.c.instructions, users.c.language,
-                users.c.private_data_in_groups,
+                users.c.private_data_in_groups, users.c.daily_limit, users.c.memory_per_role,
                 chat_sessions.c.id.label("session_id"), chat_sessions.c.role.label("session_role"),
             )
             .select_from(users.outerjoin(chat_sessions, (chat_sessions.c.user_id == users.c.id)
@@ -200,9 +202,8 @@ def ensure_user(conn: Connection, user_id: int, language: str | None, now: dt.da
 
 
 def user_and_session(conn: Connection, user_id: int, chat_id: int) -> AnyRow | None:
-    """(id, role, instructions, language, private_data_in_groups, session_id, session_role) of the
-    user and of their
-    open session in this chat (session columns None when there is none); None: no such user."""
+    """The user's columns the message path needs (`_Statements.user`) and their open session in
+    this chat (session_id, session_role: None when there is none); None: no such user."""
     return conn.execute(
         _sql(conn).user_and_session, {"user_id": user_id, "chat_id": chat_id}
     ).first()
@@ -268,6 +269,7 @@ def ask_in_session(
 def add_answer(
     conn: Connection, *, question_id: int, session_id: int, user_id: int, chat_id: int,
     text: str, status: str, prompt_tokens: int, completion_tokens: int, now: dt.datetime,
+    memory_ids: Sequence[str] = (),
 ) -> None:
     """The answer, and its question marked answered. A question deleted meanwhile (with its
     user) makes the insert fail on its foreign keys: IntegrityError, nothing written."""
@@ -275,6 +277,7 @@ def add_answer(
         "session_id": session_id, "user_id": user_id, "chat_id": chat_id, "role": "assistant",
         "text": text, "status": status, "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens, "reply_to": question_id, "created_at": now,
+        "memory_ids": json.dumps(list(memory_ids)) if memory_ids else None,
     })
     set_status(conn, question_id, "answered")
 
@@ -302,6 +305,7 @@ class TurnRecord:
     complete: bool
     prompt_tokens: int
     completion_tokens: int
+    memory_ids: tuple[str, ...] = ()  # the remembered units the answer's prompt drew on
 
 
 def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
@@ -314,6 +318,7 @@ def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
             conn, question_id=turn.question_id, session_id=turn.session_id,
             user_id=turn.user_id, chat_id=turn.chat_id, text=turn.text, status=status,
             prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens, now=now,
+            memory_ids=turn.memory_ids,
         )
     elif not set_status(conn, turn.question_id, "failed"):
         return False

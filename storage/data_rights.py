@@ -7,6 +7,7 @@ and tests/test_data_rights.py checks it against the schema, so a new table canno
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ def _message(row: Message) -> dict[str, Any]:
         "status": row.status,
         "created_at": _iso(row.created_at), "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
+        "memories_used": json.loads(row.memory_ids) if row.memory_ids else [],
     }
 
 

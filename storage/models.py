@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     false,
     text,
 )
@@ -94,6 +95,12 @@ class User(Base):
     )
     # An IANA name ("Europe/Berlin"): the times a user says ("tomorrow at 9") are read in it.
     timezone: Mapped[str | None] = mapped_column(String(64))
+    # Set by an operator (ADMIN_USER_IDS); NULL: DAILY_TOKEN_LIMIT.
+    daily_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # The UTC day the user was last told they had used most of their allowance (once a day).
+    warned_on: Mapped[dt.date | None] = mapped_column(Date)
+    # Answers draw only on memories made in the role answering (else every role's).
+    memory_per_role: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -154,6 +161,8 @@ class Message(Base):
     update_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     reply_to: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # An answer's: the memory units its prompt drew on, as a JSON list of ids (no text).
+    memory_ids: Mapped[str | None] = mapped_column(Text)
 
 
 class UsageDay(Base):

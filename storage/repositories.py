@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -84,6 +85,29 @@ class Users:
         await self.db.execute(
             update(User).where(User.id == user_id).values(instructions=instructions)
         )
+
+    async def set_memory_per_role(self, user_id: int, per_role: bool) -> None:
+        await self.db.execute(update(User).where(User.id == user_id).values(memory_per_role=per_role))
+
+    async def daily_limit(self, user_id: int) -> int | None:
+        """The user's own limit (an operator's choice); None: the deployment's."""
+        return await self.db.scalar(select(User.daily_limit).where(User.id == user_id))
+
+    async def set_daily_limit(self, user_id: int, limit: int | None) -> bool:
+        """False: no such user."""
+        result = await self.db.execute(
+            update(User).where(User.id == user_id).values(daily_limit=limit)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def claim_warning(self, user_id: int, day: dt.date) -> bool:
+        """True once per day: the caller warns the user that most of the allowance is used."""
+        result = await self.db.execute(
+            update(User)
+            .where(User.id == user_id, or_(User.warned_on.is_(None), User.warned_on != day))
+            .values(warned_on=day)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 
@@ -192,6 +216,14 @@ class Messages:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
+    async def memories_used(self, user_id: int, question_id: int) -> list[str]:
+        """The memory ids the user's answer to this question drew on."""
+        stored = await self.db.scalar(select(Message.memory_ids).where(
+            Message.reply_to == question_id, Message.user_id == user_id,
+            Message.role == "assistant",
+        ))
+        return list(json.loads(stored)) if stored else []
+
     async def answer_to(self, question_id: int) -> Message | None:
         stmt = select(Message).where(Message.reply_to == question_id, Message.role == "assistant")
         return (await self.db.execute(stmt.order_by(Message.id).limit(1))).scalar_one_or_none()
@@ -264,6 +296,18 @@ class Budget:
     async def all_ids(self) -> list[str]:
         return list((await self.db.execute(select(Reservation.id))).scalars())
 
+    async def today_for_everyone(
+        self, now: dt.datetime | None = None
+    ) -> list[tuple[int, int, int, int | None]]:
+        """(user, used, reserved, own limit) of every user with a ledger today, most used first."""
+        stmt = (
+            select(UsageDay.user_id, UsageDay.used, UsageDay.reserved, User.daily_limit)
+            .join(User, User.id == UsageDay.user_id)
+            .where(UsageDay.day == utc_day(now))
+            .order_by((UsageDay.used + UsageDay.reserved).desc())
+        )
+        return [tuple(row) for row in await self.db.execute(stmt)]  # type: ignore[misc]
+
     async def day(self, user_id: int, now: dt.datetime | None = None) -> UsageDay | None:
         # Fresh from the database: the ledger is written with Core statements (storage/core.py),
         # which do not refresh a row this session may have loaded before.
@@ -277,6 +321,7 @@ class IndexRow(NamedTuple):
     embedding: bytes | None
     space: str | None
     started_at: dt.datetime | None
+    role: str | None
 
 
 class Memories:
@@ -318,6 +363,13 @@ class Memories:
         )
         return (await self.db.execute(stmt)).scalars().all(), total
 
+    async def next_seq(self, user_id: int, session_id: int, kind: str) -> int:
+        top = await self.db.scalar(select(func.max(MemoryRecord.seq)).where(
+            MemoryRecord.user_id == user_id, MemoryRecord.session_id == session_id,
+            MemoryRecord.kind == kind,
+        ))
+        return int(top or 0) + 1
+
     async def ids_of_session(self, user_id: int, session_id: int) -> list[str]:
         return list(await self.db.scalars(select(MemoryRecord.id).where(
             MemoryRecord.user_id == user_id, MemoryRecord.session_id == session_id
@@ -340,7 +392,8 @@ class Memories:
         """What a search index needs of every memory of the user, oldest first."""
         stmt = (
             select(MemoryRecord.id, MemoryRecord.chat_id, MemoryRecord.text,
-                   MemoryRecord.embedding, MemoryRecord.space, MemoryRecord.started_at)
+                   MemoryRecord.embedding, MemoryRecord.space, MemoryRecord.started_at,
+                   MemoryRecord.role)
             .where(MemoryRecord.user_id == user_id)
             .order_by(MemoryRecord.created_at, MemoryRecord.id)
         )

@@ -40,6 +40,8 @@ class StoredQuestion:
     private_in_groups: bool = False  # the user lets their private data into their group answers
     started: bool = False  # the session was opened for this message
     resumed: bool = False  # a crash left it unanswered; it is answered now
+    daily_limit: int | None = None  # the user's own limit; None: DAILY_TOKEN_LIMIT
+    memory_per_role: bool = False  # answers draw on memories made in the answering role only
 
 
 def _store_question(
@@ -61,7 +63,8 @@ def _store_question(
         question_id, history = asked
         return StoredQuestion(
             known.session_id, known.session_role, question_id, known.instructions, history,
-            known.private_data_in_groups,
+            known.private_data_in_groups, daily_limit=known.daily_limit,
+            memory_per_role=known.memory_per_role,
         )
     session.commit()  # ends the statement-by-statement connection, if any
     return _store_opening(session, new, choose_role, now)
@@ -89,7 +92,8 @@ def _store_opening(
     session.commit()
     return StoredQuestion(
         chat_session.id, chat_session.role, question_id, user.instructions, history,
-        user.private_data_in_groups, started,
+        user.private_data_in_groups, started, daily_limit=user.daily_limit,
+        memory_per_role=user.memory_per_role,
     )
 
 

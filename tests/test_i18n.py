@@ -20,6 +20,7 @@ COMMANDS = (
     "memory",
     "find",
     "reminders",
+    "usage",
     "export_data",
     "delete_my_data",
 )

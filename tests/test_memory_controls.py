@@ -218,3 +218,47 @@ def _later() -> Any:
     import datetime as dt
 
     return dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+
+
+async def test_an_answer_shows_what_it_remembered_and_a_wrong_memory_is_corrected(
+    h: Harness, sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    _, session_id = await remembered_session(h, ALICE)
+
+    answer = await send(h, ALICE, "what do I grow on my balcony?")
+
+    (used,) = [b for b in buttons(answer) if b.startswith("mu:")]
+    await press(h, ALICE, answer, used)
+    view = h.tg.chat_messages(ALICE)[-1]
+    assert "drew on" in (view.text or "") and FACT in (view.text or "")
+    fact_unit = f"{ALICE}:{session_id}:fact:1"
+    (wrong,) = [b for b in buttons(view) if b.startswith("uf:") and f":{session_id}:f:1:" in b
+                and not b.endswith(":0")]
+    await press(h, ALICE, view, wrong)
+
+    assert fact_unit not in await units_of(sessions, ALICE)
+    assert "What is right?" in (h.tg.chat_messages(ALICE)[-1].text or "")
+    await send(h, ALICE, "I grow habaneros now, not chili",
+               predicate=lambda m: "remember that" in (m.text or ""))
+    units = await units_of(sessions, ALICE)
+    assert "Correction from the user: I grow habaneros now, not chili" in units.values()
+
+    await send(h, ALICE, "what do I grow on my balcony these days?")
+    recalled = h.ai.last_system_prompt() or ""
+    assert "I grow habaneros now" in recalled and FACT not in recalled
+
+    # Bob cannot open what Alice's answer used, even with her question's id.
+    bobs = await send(h, BOB, "/memory")
+    h.tg._open_queries.add("forged-used")
+    h.tg.enqueue({"update_id": 950_101, "callback_query": {
+        "id": "forged-used", "from": {"id": BOB, "is_bot": False, "first_name": "B"},
+        "chat_instance": "b", "data": used,
+        "message": {"message_id": bobs.message_id, "date": bobs.date,
+                    "chat": {"id": BOB, "type": "private", "first_name": "B"},
+                    "from": bobs.from_user, "text": bobs.text},
+    }})
+    refused = await h.tg.wait_for(
+        lambda c: c.method == "answerCallbackQuery" and c.params.get("callback_query_id") == "forged-used"
+    )
+    assert "no longer kept" in str(refused.params.get("text"))
+    assert not any(FACT in (m.text or "") for m in h.tg.chat_messages(BOB))
