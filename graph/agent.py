@@ -51,6 +51,7 @@ class Answer:
     charged: int
     question_id: int = 0  # the message answered: what the answer used is found by it
     memories_used: int = 0  # remembered units its prompt drew on (shown under the answer)
+    stopped: bool = False  # the user stopped it: what came is kept, marked partial
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ class Agent:
 
     async def handle_message(
         self, *, user_id: int, chat_id: int, text: str, update_id: int | None,
-        language: str | None = None,
+        language: str | None = None, stop: asyncio.Event | None = None,
     ) -> AsyncIterator[TurnEvent]:
         """Answer one message, as events. The front end hands over one message of a chat at a
         time, in order (handlers/delivery.py: in-process, or across a fleet by a Redis lock;
@@ -438,7 +439,7 @@ class Agent:
             daily_limit=settings.daily_token_limit if stored.daily_limit is None else stored.daily_limit,
             history=stored.history, trace=trace,
             # Tools act on the user's private things (reminders): only in their private chat.
-            tool_names=role.tools if chat_id == user_id else (), report=run.report,
+            tool_names=role.tools if chat_id == user_id else (), report=run.report, stop=stop,
         )
         run.start(self.turn_graph, text, context)
         try:
@@ -545,6 +546,7 @@ class Agent:
             return Answer(
                 final.get("answer_text", result.text), complete, final.get("charged", 0),
                 question_id=question_id, memories_used=len(final.get("memories", [])),
+                stopped=result.fault == "stopped",
             )
         return Failure(result.fault if result is not None and result.fault else "error")
 

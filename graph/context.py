@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class TurnContext:
     daily_limit: int = 0  # the user's allowance today (their own, or DAILY_TOKEN_LIMIT)
     # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
     tool_names: tuple[str, ...] = ()
+    # Set by the front end when the user stops the answer (graph/model.py closes the stream).
+    stop: asyncio.Event | None = None
     # Where the run reports as it goes (the agent's TurnRun): each reservation as it is made,
     # the model's start, the answer's deltas. By default nowhere.
     report: Callable[[Any], None] = _nowhere

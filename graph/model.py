@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # busy: rate limited; unavailable: 5xx or connection; timeout: no answer in time (may be billed);
 # quota: the provider account is out of credit; auth: bad key; error: anything else.
-FaultKind = Literal["busy", "unavailable", "timeout", "quota", "auth", "error"]
+# stopped: the user stopped the answer while it streamed (not an error: what came is kept).
+FaultKind = Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "stopped"]
 # Not "timeout": the provider may already bill the attempt that timed out, and a second would
 # be charged once only; the user gets the timeout message, the attempt its reservation.
 RETRYABLE: frozenset[str] = frozenset({"busy", "unavailable"})
@@ -158,9 +159,11 @@ class ModelGateway:
     async def stream_chat(
         self, messages: list[BaseMessage], *, model: str, temperature: float, max_tokens: int,
         on_delta: Callable[[str], None] | None = None, tools: list[dict[str, Any]] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> ModelResult:
         """Stream an answer (or tool calls); retry only before the first token (a retry after
-        it would repeat text)."""
+        it would repeat text). When `stop` is set the stream is closed at the next chunk (the
+        provider stops generating) and what came so far is the result, as "stopped"."""
         request: dict[str, Any] = {
             "model": model, "messages": [_as_openai(m) for m in messages],
             "temperature": temperature, "max_tokens": max_tokens, "stream": True,
@@ -181,6 +184,8 @@ class ModelGateway:
             )
             async with stream:
                 async for chunk in stream:
+                    if stop is not None and stop.is_set():
+                        break  # leaving the block closes the response: generation stops
                     answer.feed(chunk)
 
         retrying = self._retrying(lambda: not answer.parts and not answer.calls)
@@ -189,6 +194,8 @@ class ModelGateway:
         except Exception as exc:
             kind, error, attempts = _failed(exc, retrying)
             return answer.result(attempts, kind, error)
+        if stop is not None and stop.is_set():
+            return answer.result(_attempts(retrying), "stopped")
         return answer.result(_attempts(retrying))
 
     async def complete(

@@ -244,6 +244,7 @@ async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[st
     result = await ctx.services.models.stream_chat(
         state["prompt"], model=model, temperature=ctx.role.temperature,
         max_tokens=state["max_tokens"], on_delta=on_delta, tools=list(offered) or None,
+        stop=ctx.stop,
     )
     return {"result": result}
 
@@ -308,13 +309,16 @@ def _tool_result(outcome: ToolOutcome) -> str:
 
 
 
-def charge_for(result: ModelResult, reserved: int) -> int:
+def charge_for(result: ModelResult, reserved: int, stopped_at: int = 0) -> int:
     """What a call costs the user: its real usage, else the whole reservation, else nothing.
 
     Never more than the reservation: that is what admission counted against the daily limit,
-    so the limit holds whatever a provider reports (the excess is noted in the trace)."""
+    so the limit holds whatever a provider reports (the excess is noted in the trace). A call
+    the user stopped sends no usage: `stopped_at` estimates it (the prompt and what came)."""
     if result.usage_known:
         return min(reserved, int(result.input_tokens or 0) + int(result.output_tokens or 0))
+    if result.fault == "stopped":
+        return min(reserved, stopped_at)
     if result.text or result.fault == "timeout":
         return reserved  # tokens were (or may have been) produced and billed; usage never came
     return 0  # refused before any work: 429, 5xx, quota, auth
@@ -360,7 +364,12 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     assert result is not None
     reservation = state["reservation"]
     assert reservation is not None
-    charged = charge_for(result, reservation.amount)
+    model = ctx.role.model or ctx.services.settings.chat_model
+    stopped_at = (
+        padded(state["prompt_tokens"]) + count_tokens(result.text, model)
+        if result.fault == "stopped" else 0
+    )
+    charged = charge_for(result, reservation.amount, stopped_at)
     text = "\n\n".join(t for t in (state.get("earlier_text", ""), result.text) if t)
     if result.usage_known:
         excess = (result.input_tokens or 0) + (result.output_tokens or 0) - reservation.amount

@@ -28,12 +28,14 @@ from handlers import (
     personalize,
     reminders,
     sessions,
+    stopping,
     usage,
 )
 from handlers.delivery import Delivery
 from handlers.fleet import ChatLocks, SharedPacer
 from handlers.i18n import Catalog
 from handlers.middlewares import UpdateMiddleware
+from handlers.stopping import Stoppable
 from handlers.streaming import ChatPacer
 from settings import Settings
 
@@ -47,6 +49,7 @@ class Deps(TypedDict):
     catalog: Catalog
     pacer: ChatPacer | SharedPacer
     settings: Settings
+    stoppable: Stoppable
 
 
 def build_bot(settings: Settings) -> Bot:
@@ -67,6 +70,7 @@ def root_router() -> Router:
     """Routers in the order they must match: commands first, the catch-all chat router last."""
     root = Router(name="root")
     root.include_routers(
+        stopping.build_router(),  # first: a stop must reach the answer it stops at once
         commands.build_router(),
         personalize.build_router(),
         sessions.build_router(),
@@ -81,10 +85,13 @@ def root_router() -> Router:
 
 def build_dispatcher(
     agent: Agent, catalog: Catalog, storage: BaseStorage | None = None,
-    pacer: ChatPacer | SharedPacer | None = None,
+    pacer: ChatPacer | SharedPacer | None = None, stoppable: Stoppable | None = None,
 ) -> Dispatcher:
     settings = agent.services.settings
-    deps = Deps(agent=agent, catalog=catalog, pacer=pacer or ChatPacer(), settings=settings)
+    deps = Deps(
+        agent=agent, catalog=catalog, pacer=pacer or ChatPacer(), settings=settings,
+        stoppable=stoppable or Stoppable(),
+    )
     dispatcher = Dispatcher(storage=storage or MemoryStorage(), **deps)
     dispatcher.update.outer_middleware(UpdateMiddleware(settings, catalog))
     dispatcher.include_router(root_router())

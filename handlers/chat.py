@@ -27,6 +27,7 @@ from handlers.delivery import UNDELIVERED
 from handlers.filters import HasText
 from handlers.i18n import Catalog
 from handlers.memory import used_memories_button
+from handlers.stopping import Stoppable, stop_keyboard
 from handlers.streaming import AnswerStream, ChatPacer
 from handlers.usage import usage_text
 from storage.crypto import DecryptionError
@@ -40,6 +41,7 @@ FAILURE_TEXTS = {
     "quota": "errors.quota_exhausted",
     "auth": "errors.generic",
     "error": "errors.generic",
+    "stopped": "chat.stopped_before_any",
 }
 ADMIN_ALERT_INTERVAL = 600.0
 # "typing…" is for a wait: an answer already streaming by then shows itself, and every
@@ -72,7 +74,7 @@ def has_visible_text(text: str) -> bool:
 
 async def chat(
     message: Message, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
-    pacer: ChatPacer, lang: str | None, expired: bool = False,
+    pacer: ChatPacer, stoppable: Stoppable, lang: str | None, expired: bool = False,
 ) -> None:
     assert message.from_user is not None and message.text is not None
     if expired:  # left unanswered by a crash longer ago than the recovery window
@@ -94,16 +96,21 @@ async def chat(
     stream = AnswerStream(
         bot, message.chat.id, private=private, pacer=pacer,
         reply_to=None if private else message.message_id,
+        stop_markup=None if private else stop_keyboard(message.message_id, catalog, lang),
+    )
+    running = stoppable.running(
+        message.chat.id, message.from_user.id, draft=stream.draft_id, question=message.message_id
     )
     try:
         async with ChatActionSender.typing(
             bot=bot, chat_id=message.chat.id, interval=TYPING_EVERY, initial_sleep=TYPING_AFTER
         ):
-            async for event in agent.handle_message(
-                user_id=message.from_user.id, chat_id=message.chat.id, text=text,
-                update_id=event_update.update_id, language=lang,
-            ):
-                await _show(event, stream, message, bot, agent, catalog, lang)
+            with running as stop:
+                async for event in agent.handle_message(
+                    user_id=message.from_user.id, chat_id=message.chat.id, text=text,
+                    update_id=event_update.update_id, language=lang, stop=stop,
+                ):
+                    await _show(event, stream, message, bot, agent, catalog, lang)
     except UNDELIVERED:
         await stream.abandon()
         raise  # the answer is stored: delivery tries again (handlers/delivery.py)
@@ -130,7 +137,9 @@ async def _show(
     elif isinstance(event, Delta):
         stream.add(event.text)
     elif isinstance(event, Answer):
-        note = None if event.complete else catalog.text(lang, "chat.answer_cut")
+        note = None if event.complete else catalog.text(
+            lang, "chat.answer_stopped" if event.stopped else "chat.answer_cut"
+        )
         # What shaped the answer, one press away (memories are private: private chats only).
         markup = (
             used_memories_button(event.question_id, event.memories_used, catalog, lang)

@@ -35,6 +35,7 @@ from pydantic_core import PydanticSerializationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from handlers.stopping import jumps_the_queue
 from ops.monitoring import tag_context
 from storage.models import utcnow
 from storage.repositories import Inbox
@@ -193,7 +194,10 @@ class Delivery:
             return None
 
     def dispatch(self, update: Update) -> asyncio.Task[None]:
-        """Run the update after the ones before it in the same chat; other chats do not wait."""
+        """Run the update after the ones before it in the same chat; other chats do not wait.
+        A stop runs at once: the chat's queue is waiting on the answer it stops."""
+        if jumps_the_queue(update):
+            return self.run_now(update)
         key = chat_key(update)
         previous = self._tails.get(key)
         task = asyncio.create_task(self._after(previous, update))
@@ -201,6 +205,15 @@ class Delivery:
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(key, done))
         return task
+
+    def run_now(self, update: Update) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._run_now(update))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run_now(self, update: Update) -> None:
+        await self._process(update)
 
     def _forget(self, key: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

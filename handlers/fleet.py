@@ -15,6 +15,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from handlers.delivery import Delivery, chat_key
+from handlers.stopping import jumps_the_queue
 from storage.models import utcnow
 from storage.repositories import Inbox
 
@@ -96,6 +97,8 @@ class FleetDelivery(Delivery):
         self._sweeper: asyncio.Task[None] | None = None
 
     def dispatch(self, update: Update) -> asyncio.Task[None]:
+        if jumps_the_queue(update):  # not behind the chat's lock: it stops what holds it
+            return self.run_now(update)
         return self._spawn(chat_key(update))
 
     def _spawn(self, chat_id: int) -> asyncio.Task[None]:

@@ -58,13 +58,15 @@ class AnswerStream:
 
     def __init__(
         self, bot: Bot, chat_id: int, *, private: bool, pacer: ChatPacer,
-        reply_to: int | None = None,
+        reply_to: int | None = None, stop_markup: InlineKeyboardMarkup | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id
         self.pacer = pacer
         self.reply_to = reply_to
         self.use_drafts = private
+        # A group's preview carries a Stop button (a draft has Telegram's own stop control).
+        self.stop_markup = stop_markup
         self.draft_id = random.randint(1, 2**31 - 1)
         self.placeholder: Message | None = None
         self._text = ""
@@ -231,17 +233,19 @@ class AnswerStream:
     async def _show(self, preview: Part) -> None:
         text, entities = preview.text, preview.telegram_entities()
         if self.use_drafts:
+            # The stop control sends stopped_message_generation (handlers/stopping.py); the
+            # draft stays until the partial answer replaces it.
             await self.bot.send_message_draft(
                 chat_id=self.chat_id, draft_id=self.draft_id, text=text, parse_mode=None,
-                entities=entities,
+                entities=entities, can_stop=True, keep_on_stop=True,
             )
         elif self.placeholder is None:
             self.placeholder = await self.bot.send_message(
                 self.chat_id, text, parse_mode=None, entities=entities,
-                reply_parameters=self._reply(),
+                reply_parameters=self._reply(), reply_markup=self.stop_markup,
             )
         else:
             await self.bot.edit_message_text(
                 text, chat_id=self.chat_id, message_id=self.placeholder.message_id,
-                parse_mode=None, entities=entities,
+                parse_mode=None, entities=entities, reply_markup=self.stop_markup,
             )

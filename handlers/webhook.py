@@ -97,11 +97,15 @@ class WebhookServer:
 async def run_webhook(agent: Agent) -> None:
     from handlers.app import build_bot, build_dispatcher, fleet_parts
     from handlers.i18n import Catalog
+    from handlers.stopping import Stoppable
 
     settings = agent.services.settings
     redis, storage, locks, pacer = fleet_parts(settings)
     bot = build_bot(settings)
-    dispatcher = build_dispatcher(agent, Catalog.load(), storage=storage, pacer=pacer)
+    stoppable = Stoppable(redis)  # with Redis, a stop reaches the process streaming the answer
+    dispatcher = build_dispatcher(
+        agent, Catalog.load(), storage=storage, pacer=pacer, stoppable=stoppable
+    )
     delivery = fleet_delivery(bot, dispatcher, agent, locks)
     server = WebhookServer(agent, bot, dispatcher, delivery, redis)
     runner = web.AppRunner(server.app(), access_log=None)
@@ -112,6 +116,7 @@ async def run_webhook(agent: Agent) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await dispatcher.emit_startup(bot=bot, **dispatcher.workflow_data)
+    listening = asyncio.create_task(stoppable.listen())
     try:
         await site.start()
         await bot.set_webhook(
@@ -125,6 +130,7 @@ async def run_webhook(agent: Agent) -> None:
         )
         await stop.wait()
     finally:
+        listening.cancel()
         delivery.stop()
         await runner.shutdown()  # stop taking requests first
         await delivery.drain()
