@@ -23,7 +23,7 @@ from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import EVERY_CHAT, Kind, MemoryItem, MemoryQuery, MemoryScope, chat_scope, memory_id
 from memory.units import FinishedSession, session_units
-from storage.core import Reserved, next_reset, utc_day
+from storage.core import HistoryEntry, Reserved, next_reset, utc_day
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, MemoryRecord, Message, Reminder, User, utcnow
 from storage.repositories import Budget, Memories, Messages, Reminders, Sessions, Users
@@ -152,11 +152,12 @@ class SessionView:
     summary: str | None
     status: str  # open | closed | summary_due
     started_at: dt.datetime
+    incognito: bool = False
 
     @classmethod
     def of(cls, session: ChatSession) -> SessionView:
         return cls(session.id, session.role, session.title, session.summary, session.status,
-                   session.started_at)
+                   session.started_at, session.incognito)
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,8 @@ class Agent:
         self.turn_graph = build_turn_graph().compile()
         self.summary_graph = build_summary_graph().compile()
         self.traces = TraceLog(services.sessions)
-        # Messages of one chat are answered in arrival order; other chats do not wait.
+        # Incognito sessions' conversations, by session: held here only, never stored.
+        self._incognito: dict[int, list[HistoryEntry]] = {}
 
     async def aclose(self) -> None:
         """At shutdown: the last traces are written, the provider's connections closed."""
@@ -437,7 +439,9 @@ class Agent:
             instructions=stored.instructions if scope.with_private else None,
             memory_scope=scope,
             daily_limit=settings.daily_token_limit if stored.daily_limit is None else stored.daily_limit,
-            history=stored.history, trace=trace,
+            # An incognito session's text is not stored: its history is the one held here.
+            history=self._incognito.get(stored.session_id, []) if stored.incognito else stored.history,
+            trace=trace, incognito=stored.incognito,
             # Tools act on the user's private things (reminders): only in their private chat.
             tool_names=role.tools if chat_id == user_id else (), report=run.report, stop=stop,
         )
@@ -468,12 +472,26 @@ class Agent:
             await _stop(run.task)  # the front end stopped listening early: the run goes with it
         # The answer goes out first; its trace is written while the user already reads it.
         event = self._final_event(final, stored.question_id)
+        if stored.incognito and isinstance(event, Answer):
+            self._remember_incognito(stored.session_id, text, event, final)
         yield event
         if isinstance(event, Answer) and chat_id == user_id:  # usage is private: not in groups
             warning = await self._warning(user_id, context.daily_limit)
             if warning is not None:
                 yield warning
         self._save_trace(trace)
+
+    def _remember_incognito(
+        self, session_id: int, question: str, answer: Answer, final: dict[str, Any]
+    ) -> None:
+        """The exchange, for the session's next messages: in this process only, never stored."""
+        result = final.get("result")
+        history = self._incognito.setdefault(session_id, [])
+        history += [
+            HistoryEntry("user", question, count_tokens(question, self.services.settings.chat_model), 0),
+            HistoryEntry("assistant", answer.text, 0, (result.output_tokens if result else 0) or 0),
+        ]
+        del history[: -self.services.settings.history_messages or None]
 
     async def _store_question(
         self, user_id: int, chat_id: int, text: str, update_id: int | None, language: str | None
@@ -506,12 +524,14 @@ class Agent:
             return None
         if earlier.status == "answered":
             answer = await Messages(db).answer_to(earlier.id)
-            if answer is None:
+            if answer is None or not answer.text:  # incognito: the answer was not kept
                 return None
             return Answer(answer.text, answer.status == "complete", charged=0)
         if earlier.status != "pending":
             return None
         session = await db.get(ChatSession, earlier.session_id)
+        if session is not None and session.incognito:
+            return None  # its text was never stored: there is nothing to answer again
         user = await Users(db).get(user_id)
         if session is None or user is None:
             return None
@@ -557,13 +577,16 @@ class Agent:
     # --- sessions ------------------------------------------------------------------------
 
     async def start_session(
-        self, user_id: int, chat_id: int, title: str | None, language: str | None = None
+        self, user_id: int, chat_id: int, title: str | None, language: str | None = None,
+        incognito: bool = False,
     ) -> tuple[SessionEnd | None, SessionView]:
         """End the open session (with its summary), then open a new one."""
         ended = await self.end_session(user_id, chat_id, reason="new_session")
         async with self.services.sessions() as db:
             user = await Users(db).ensure(user_id, language)
-            session = await Sessions(db).open(user_id, chat_id, self._session_role(user.role), title)
+            session = await Sessions(db).open(
+                user_id, chat_id, self._session_role(user.role), title, incognito=incognito
+            )
             await db.commit()
         return ended, SessionView.of(session)
 
@@ -584,6 +607,8 @@ class Agent:
         return await self._summarise(session, "idle")
 
     async def _summarise(self, session: ChatSession, reason: str) -> SessionEnd:
+        if session.incognito:
+            return await self._forget_incognito(session)
         trace = RunTrace("summarise", session.user_id, session.id)
         context = SummaryContext(
             services=self.services, user_id=session.user_id, session_id=session.id,
@@ -596,6 +621,15 @@ class Agent:
         finally:
             self._save_trace(trace)
         return SessionEnd(session.id, final["outcome"], final.get("title"), final.get("summary"))
+
+    async def _forget_incognito(self, session: ChatSession) -> SessionEnd:
+        """An incognito session ends without a trace of its words: no summary, no memory; its
+        rows (which hold no text) are deleted, and the conversation held here is dropped."""
+        self._incognito.pop(session.id, None)
+        async with self.services.sessions() as db:
+            await Sessions(db).forget(session.id)
+            await db.commit()
+        return SessionEnd(session.id, "incognito", None, None)
 
     async def make_due_summaries(self, now: dt.datetime | None = None) -> int:
         """Sessions whose memory could not be made (no room, provider down), when due again."""

@@ -54,6 +54,7 @@ class TurnContext:
     trace: RunTrace
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
     daily_limit: int = 0  # the user's allowance today (their own, or DAILY_TOKEN_LIMIT)
+    incognito: bool = False  # nothing of the turn is stored or remembered, nor recalled
     # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
     tool_names: tuple[str, ...] = ()
     # Set by the front end when the user stops the answer (graph/model.py closes the stream).

@@ -60,7 +60,7 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
     sessions = services.settings.memory_top_k
     text = state["text"]
     try:
-        if sessions == 0 or not await services.memory.has_any(ctx.user_id):
+        if ctx.incognito or sessions == 0 or not await services.memory.has_any(ctx.user_id):
             return {"memories": []}  # no embedding for users with nothing remembered
         if services.embedder.billed and not await _charge_embedding(ctx, text):
             return {"memories": []}  # no room for an answer: refused next, and nothing billed
@@ -384,7 +384,7 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         charged=charged, text=text, complete=outcome == "answered",
         prompt_tokens=result.input_tokens or state["prompt_tokens"],
         completion_tokens=result.output_tokens or 0,
-        memory_ids=tuple(hit.id for hit in state.get("memories", [])),
+        memory_ids=tuple(hit.id for hit in state.get("memories", [])), incognito=ctx.incognito,
     )
     try:
         async with ctx.services.sessions() as db:

@@ -30,6 +30,14 @@ class SessionOpen(CallbackData, prefix="so"):
     page: int
 
 
+class IncognitoStart(CallbackData, prefix="incog"):
+    """Start over as an incognito session (the button under a new session's note)."""
+
+
+# `/start_session incognito` (or its Russian word): a session that leaves nothing behind.
+INCOGNITO_WORDS = ("incognito", "инкогнито")
+
+
 class SummaryReview(CallbackData, prefix="sr"):
     """The buttons under a summary just made (handled in handlers/memory.py)."""
 
@@ -57,6 +65,8 @@ def summary_line(summary: str | None) -> str | None:
 
 
 def end_text(ended: SessionEnd, catalog: Catalog, lang: str | None) -> str:
+    if ended.outcome == "incognito":
+        return catalog.text(lang, "session.ended_incognito")
     if ended.outcome == "summarised" and ended.summary:
         return catalog.text(
             lang, "session.ended", title=ended.title or catalog.plain(lang, "session.untitled"),
@@ -74,16 +84,42 @@ async def start_session(
 ) -> None:
     assert message.from_user is not None
     title = (command.args or "").strip()[:MAX_TITLE] or None
-    ended, session = await agent.start_session(message.from_user.id, message.chat.id, title, lang)
+    incognito = title is not None and title.lower() in INCOGNITO_WORDS
+    await _start(message, message.from_user.id, None if incognito else title, incognito, agent,
+                 catalog, lang)
+
+
+async def start_incognito(
+    query: CallbackQuery, agent: Agent, catalog: Catalog, lang: str | None
+) -> None:
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.edit_reply_markup(reply_markup=None)
+        await _start(query.message, query.from_user.id, None, True, agent, catalog, lang)
+
+
+async def _start(
+    message: Message, user_id: int, title: str | None, incognito: bool, agent: Agent,
+    catalog: Catalog, lang: str | None,
+) -> None:
+    ended, session = await agent.start_session(
+        user_id, message.chat.id, title, lang, incognito=incognito
+    )
     if ended is not None and ended.outcome == "summarised" and is_private(message):
         await message.answer(catalog.text(
             lang, "session.previous_ended", title=ended.title or catalog.plain(lang, "session.untitled")
         ))
     role = agent.role_for(session.role).label(lang)
+    if incognito:
+        await message.answer(catalog.text(lang, "session.started_incognito", role=role))
+        return
+    offer = InlineKeyboardBuilder()
+    offer.button(text=catalog.plain(lang, "session.buttons.incognito"), callback_data=IncognitoStart())
     if title:
-        await message.answer(catalog.text(lang, "session.started", title=title, role=role))
+        text = catalog.text(lang, "session.started", title=title, role=role)
     else:
-        await message.answer(catalog.text(lang, "session.started_untitled", role=role))
+        text = catalog.text(lang, "session.started_untitled", role=role)
+    await message.answer(text, reply_markup=offer.as_markup() if is_private(message) else None)
 
 
 async def end_session(message: Message, agent: Agent, catalog: Catalog, lang: str | None) -> None:
@@ -176,6 +212,8 @@ async def sessions_page(
 
 def _item(index: int, session: SessionView, agent: Agent, catalog: Catalog, lang: str | None) -> str:
     title = session.title or catalog.plain(lang, "session.untitled")
+    if session.incognito:
+        title = catalog.plain(lang, "session.incognito_title")
     role = agent.role_for(session.role).label(lang)
     date = f"{session.started_at:%Y-%m-%d}"
     if session.status == "open":
@@ -197,4 +235,5 @@ def build_router() -> Router:
     router.message(Command("list_sessions"))(list_sessions)
     router.callback_query(SessionsPage.filter())(turn_page)
     router.callback_query(SessionOpen.filter())(open_session)
+    router.callback_query(IncognitoStart.filter())(start_incognito)
     return router

@@ -81,6 +81,7 @@ class _Statements:
                 users.c.id, users.c.role, users.c.instructions, users.c.language,
                 users.c.private_data_in_groups, users.c.daily_limit, users.c.memory_per_role,
                 chat_sessions.c.id.label("session_id"), chat_sessions.c.role.label("session_role"),
+                chat_sessions.c.incognito,
             )
             .select_from(users.outerjoin(chat_sessions, (chat_sessions.c.user_id == users.c.id)
                                          & (chat_sessions.c.chat_id == bindparam("chat_id"))
@@ -88,7 +89,9 @@ class _Statements:
             .where(users.c.id == bindparam("user_id"))
         )
 
-        self.open_session = select(chat_sessions.c.id, chat_sessions.c.role).where(
+        self.open_session = select(
+            chat_sessions.c.id, chat_sessions.c.role, chat_sessions.c.incognito
+        ).where(
             chat_sessions.c.user_id == bindparam("user_id"),
             chat_sessions.c.chat_id == bindparam("chat_id"),
             chat_sessions.c.status == "open",
@@ -210,18 +213,18 @@ def user_and_session(conn: Connection, user_id: int, chat_id: int) -> AnyRow | N
 
 
 def open_session_for(conn: Connection, user_id: int, chat_id: int) -> AnyRow | None:
-    """The (id, role) of the user's open session in this chat."""
+    """The (id, role, incognito) of the user's open session in this chat."""
     return conn.execute(_sql(conn).open_session, {"user_id": user_id, "chat_id": chat_id}).first()
 
 
 def open_session(
     conn: Connection, user_id: int, chat_id: int, role: str, now: dt.datetime,
-    title: str | None = None,
+    title: str | None = None, incognito: bool = False,
 ) -> AnyRow:
     """Start a session; when another update opened one first, that one is returned."""
     conn.execute(_sql(conn).add_session, {
         "user_id": user_id, "chat_id": chat_id, "role": role, "title": title, "status": "open",
-        "started_at": now, "last_activity_at": now,
+        "started_at": now, "last_activity_at": now, "incognito": incognito,
     })
     row = open_session_for(conn, user_id, chat_id)
     assert row is not None
@@ -306,6 +309,7 @@ class TurnRecord:
     prompt_tokens: int
     completion_tokens: int
     memory_ids: tuple[str, ...] = ()  # the remembered units the answer's prompt drew on
+    incognito: bool = False  # the session keeps no text: the answer is stored without it
 
 
 def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
@@ -316,7 +320,8 @@ def record_turn(conn: Connection, turn: TurnRecord, now: dt.datetime) -> bool:
     if turn.text:
         add_answer(
             conn, question_id=turn.question_id, session_id=turn.session_id,
-            user_id=turn.user_id, chat_id=turn.chat_id, text=turn.text, status=status,
+            user_id=turn.user_id, chat_id=turn.chat_id, status=status,
+            text="" if turn.incognito else turn.text,
             prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens, now=now,
             memory_ids=turn.memory_ids,
         )

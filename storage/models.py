@@ -136,6 +136,10 @@ class ChatSession(Base):
     # day's allowance, or the provider failed); retried from summary_due_at (ops/jobs.py).
     summary_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     summary_due_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Incognito: its messages are stored without their text (the conversation lives in the
+    # answering process only), it is never summarised or remembered, and it is deleted when
+    # it ends; its tokens still count against the day's allowance.
+    incognito: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Message(Base):

@@ -134,14 +134,23 @@ class Sessions:
         )
         return (await self.db.execute(stmt)).scalar_one_or_none()
 
-    async def open(self, user_id: int, chat_id: int, role: str, title: str | None) -> ChatSession:
+    async def open(
+        self, user_id: int, chat_id: int, role: str, title: str | None, incognito: bool = False
+    ) -> ChatSession:
         """Start a session; when another update opened one first, that one is returned."""
         row = await _on_connection(
-            self.db, lambda c: core.open_session(c, user_id, chat_id, role, utcnow(), title)
+            self.db,
+            lambda c: core.open_session(c, user_id, chat_id, role, utcnow(), title, incognito),
         )
         session = await self.db.get(ChatSession, row.id)
         assert session is not None
         return session
+
+    async def forget(self, session_id: int) -> None:
+        """An incognito session at its end: the session and its messages (which hold no text)
+        are deleted; the day's ledger keeps what it cost."""
+        await self.db.execute(delete(Message).where(Message.session_id == session_id))
+        await self.db.execute(delete(ChatSession).where(ChatSession.id == session_id))
 
     async def set_summary(self, session_id: int, summary: str) -> None:
         await self.db.execute(

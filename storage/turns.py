@@ -41,6 +41,7 @@ class StoredQuestion:
     started: bool = False  # the session was opened for this message
     resumed: bool = False  # a crash left it unanswered; it is answered now
     daily_limit: int | None = None  # the user's own limit; None: DAILY_TOKEN_LIMIT
+    incognito: bool = False  # stored without its text; the history is the answering process's
     memory_per_role: bool = False  # answers draw on memories made in the answering role only
 
 
@@ -54,7 +55,7 @@ def _store_question(
     if known is not None and known.session_id is not None:
         asked = core.ask_in_session(
             conn, session_id=known.session_id, user_id=new.user_id, chat_id=new.chat_id,
-            text=new.text, update_id=new.update_id, tokens=new.tokens, now=now,
+            text="" if known.incognito else new.text, update_id=new.update_id, tokens=new.tokens, now=now,
             history_limit=new.history_limit,
         )
         session.commit()
@@ -64,7 +65,7 @@ def _store_question(
         return StoredQuestion(
             known.session_id, known.session_role, question_id, known.instructions, history,
             known.private_data_in_groups, daily_limit=known.daily_limit,
-            memory_per_role=known.memory_per_role,
+            memory_per_role=known.memory_per_role, incognito=known.incognito,
         )
     session.commit()  # ends the statement-by-statement connection, if any
     return _store_opening(session, new, choose_role, now)
@@ -80,9 +81,10 @@ def _store_opening(
     started = chat_session is None
     if chat_session is None:
         chat_session = core.open_session(conn, new.user_id, new.chat_id, choose_role(user.role), now)
+    incognito = bool(chat_session.incognito)
     asked = core.ask_in_session(
         conn, session_id=chat_session.id, user_id=new.user_id, chat_id=new.chat_id,
-        text=new.text, update_id=new.update_id, tokens=new.tokens, now=now,
+        text="" if incognito else new.text, update_id=new.update_id, tokens=new.tokens, now=now,
         history_limit=new.history_limit,
     )
     if asked is None:
@@ -93,7 +95,7 @@ def _store_opening(
     return StoredQuestion(
         chat_session.id, chat_session.role, question_id, user.instructions, history,
         user.private_data_in_groups, started, daily_limit=user.daily_limit,
-        memory_per_role=user.memory_per_role,
+        memory_per_role=user.memory_per_role, incognito=incognito,
     )
 
 
