@@ -153,11 +153,12 @@ class SessionView:
     status: str  # open | closed | summary_due
     started_at: dt.datetime
     incognito: bool = False
+    chat_id: int = 0
 
     @classmethod
     def of(cls, session: ChatSession) -> SessionView:
         return cls(session.id, session.role, session.title, session.summary, session.status,
-                   session.started_at, session.incognito)
+                   session.started_at, session.incognito, session.chat_id)
 
 
 @dataclass(frozen=True)
@@ -596,6 +597,25 @@ class Agent:
         if session is None:
             return None
         return await self._summarise(session, reason)
+
+    async def resume_session(self, user_id: int, chat_id: int, session_id: int) -> SessionView | None:
+        """Go on with a closed session of this chat: the chat's open session ends first, and
+        what the resumed one left in memory is forgotten (made again when it ends). None when
+        it is not the user's closed session of this chat."""
+        async with self.services.sessions() as db:
+            session = await Sessions(db).get(user_id, session_id)
+        if session is None or session.status != "closed" or session.chat_id != chat_id:
+            return None
+        await self.end_session(user_id, chat_id, reason="new_session")
+        await self.forget_session_memory(user_id, session_id)
+        try:
+            async with self.services.sessions() as db:
+                reopened = await Sessions(db).reopen(session_id)
+                await db.commit()
+                resumed = await Sessions(db).get(user_id, session_id)
+        except IntegrityError:
+            return None  # a message opened another session meanwhile
+        return SessionView.of(resumed) if reopened and resumed is not None else None
 
     async def end_if_idle(self, user_id: int, session_id: int, cutoff: dt.datetime) -> SessionEnd | None:
         """Summarise and close the session if it is still open and quiet since `cutoff` (a

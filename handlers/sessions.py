@@ -30,6 +30,10 @@ class SessionOpen(CallbackData, prefix="so"):
     page: int
 
 
+class SessionResume(CallbackData, prefix="sres"):
+    id: int
+
+
 class IncognitoStart(CallbackData, prefix="incog"):
     """Start over as an incognito session (the button under a new session's note)."""
 
@@ -167,9 +171,13 @@ async def open_session(
         return
     await query.answer()
     back = InlineKeyboardBuilder()
+    if session.status == "closed" and session.chat_id == query.from_user.id:
+        back.button(text=catalog.plain(lang, "session.buttons.resume"),
+                    callback_data=SessionResume(id=session.id))
     back.button(
         text=catalog.plain(lang, "session.buttons.back"), callback_data=SessionsPage(page=callback_data.page)
     )
+    back.adjust(1)
     text = catalog.text(
         lang, "session.summary_view", title=session.title or catalog.plain(lang, "session.untitled"),
         date=f"{session.started_at:%Y-%m-%d}", role=agent.role_for(session.role).label(lang),
@@ -178,6 +186,25 @@ async def open_session(
     )
     if isinstance(query.message, Message):
         await query.message.edit_text(text, reply_markup=back.as_markup())
+
+
+async def resume(
+    query: CallbackQuery, callback_data: SessionResume, agent: Agent, catalog: Catalog,
+    lang: str | None,
+) -> None:
+    # Only the presser's own session, in their private chat (the router's filter).
+    resumed = await agent.resume_session(
+        query.from_user.id, query.from_user.id, callback_data.id
+    ) if 0 < callback_data.id <= MAX_ID else None
+    if resumed is None:
+        await query.answer(catalog.plain(lang, "errors.stale_button"), show_alert=True)
+        return
+    await query.answer()
+    if isinstance(query.message, Message):
+        await query.message.answer(catalog.text(
+            lang, "session.resumed", title=resumed.title or catalog.plain(lang, "session.untitled"),
+            role=agent.role_for(resumed.role).label(lang),
+        ))
 
 
 async def sessions_page(
@@ -236,4 +263,5 @@ def build_router() -> Router:
     router.callback_query(SessionsPage.filter())(turn_page)
     router.callback_query(SessionOpen.filter())(open_session)
     router.callback_query(IncognitoStart.filter())(start_incognito)
+    router.callback_query(SessionResume.filter())(resume)
     return router

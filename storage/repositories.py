@@ -189,6 +189,17 @@ class Sessions:
             return True
         return False
 
+    async def reopen(self, session_id: int) -> bool:
+        """A closed session open again (resumed); False when it is not closed. The chat's other
+        open session must be closed first (one open session per chat: uq_open_session)."""
+        result = await self.db.execute(
+            update(ChatSession)
+            .where(ChatSession.id == session_id, ChatSession.status == "closed")
+            .values(status="open", ended_at=None, end_reason=None, summary_attempts=0,
+                    last_activity_at=utcnow())
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
     async def summaries_due(self, now: dt.datetime, limit: int = 50) -> list[ChatSession]:
         stmt = (
             select(ChatSession)

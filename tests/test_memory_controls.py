@@ -153,7 +153,9 @@ async def test_an_edited_summary_is_what_gets_remembered(
     assert view is not None and "habaneros" in (view.summary or "")
 
 
-async def test_find_lists_the_sessions_that_match_and_opens_one(h: Harness) -> None:
+async def test_find_lists_the_sessions_that_match_opens_and_resumes_one(
+    h: Harness, sessions: async_sessionmaker[AsyncSession],
+) -> None:
     _, session_id = await remembered_session(h, ALICE)
     h.ai.reply = lambda body: (
         summary_of("The user is planning a trip to Porto") if body["model"] == "gpt-4o-mini" else "Noted."
@@ -170,6 +172,17 @@ async def test_find_lists_the_sessions_that_match_and_opens_one(h: Harness) -> N
     assert "gardening" in (opened.text or "")
     nothing = await send(h, ALICE, "/find submarine")
     assert "Nothing" in (nothing.text or "")
+
+    # Resumed: the conversation goes on with its history; its memory is made again at its end.
+    assert f"sres:{session_id}" in buttons(opened)
+    await press(h, ALICE, opened, f"sres:{session_id}")
+    assert "Back in session" in (h.tg.chat_messages(ALICE)[-1].text or "")
+    assert not any(unit.split(":")[1] == str(session_id) for unit in await units_of(sessions, ALICE))
+    await send(h, ALICE, "and what about watering them?")
+    history = str(h.ai.chat_requests[-1]["messages"][1:])
+    assert "I grow chili peppers on my balcony" in history
+    sessions_now, _ = await h.agent.list_sessions(ALICE, 0, 5)
+    assert [s.id for s in sessions_now if s.status == "open"] == [session_id]
 
 
 async def test_forgetting_reaches_pinecone_now_or_through_the_outbox(

@@ -134,3 +134,13 @@ async def test_the_warning_comes_after_the_answer_as_an_event(
     later = await say(agent, 6, "more")
     assert not any(isinstance(e, BudgetWarning) for e in later)
     assert isinstance(later[-1], Refusal | Answer)
+
+
+async def test_memory_per_role_is_chosen_in_personalize(h: Harness) -> None:
+    update = h.tg.send_text(USER, "/personalize")
+    menu = await h.reply_to(update)
+    assert "All my roles share" in (menu.text or "")
+    start = len(h.tg.calls)
+    h.tg.press_button(USER, menu.message_id, "mrole:1")
+    await h.tg.wait_for(lambda c: c.method == "answerCallbackQuery", start=start)
+    assert (await h.agent.profile(USER, "en")).user.memory_per_role
