@@ -75,6 +75,11 @@ class Settings(BaseSettings):
 
     daily_token_limit: int = Field(50_000, ge=0)
     max_message_chars: int = Field(8_000, ge=1)
+    # Voice, audio and files: the largest the bot downloads (20 MB is the cloud Bot API's own
+    # limit; a local telegram-bot-api in TELEGRAM_API_URL lifts it), and the longest speech.
+    max_file_mb: int = Field(20, ge=1, le=2_000)
+    max_audio_seconds: int = Field(600, ge=1, le=14_400)
+    transcription_model: str = "gpt-4o-mini-transcribe"
     memory_top_k: int = Field(3, ge=0, le=20)  # earlier sessions an answer may draw on; 0: none
     history_messages: int = Field(40, ge=0)
     reservation_ttl_seconds: int = Field(600, ge=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
-from graph.context import Services, SummaryContext, TurnContext
-from graph.nodes import ModelStarted, normalise_summary, store_units
+from graph.context import ImageInput, Services, SummaryContext, TurnContext
+from graph.model import ModelFault
+from graph.nodes import ModelStarted, allowance, normalise_summary, store_units
 from graph.roles import Role
 from graph.routing import AUTO, route
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import EVERY_CHAT, Kind, MemoryItem, MemoryQuery, MemoryScope, chat_scope, memory_id
 from memory.units import FinishedSession, session_units
-from storage.core import HistoryEntry, Reserved, next_reset, utc_day
+from storage.core import HistoryEntry, OverBudget, Reserved, next_reset, utc_day
 from storage.data_rights import DeletionReceipt, delete_user, export_user
 from storage.models import ChatSession, MemoryRecord, Message, Reminder, User, utcnow
 from storage.repositories import Budget, Memories, Messages, Reminders, Sessions, Users
@@ -91,7 +93,7 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Failure:
-    kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted"]
+    kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted", "stopped"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,10 @@ class MemoryView:
 # What /memory lists: the notes about the user. Exchanges are the conversation itself, kept
 # for recall and forgotten with their session.
 LISTED_KINDS = ("summary", "fact")
+
+# How speech is priced against the daily allowance: 10 tokens a second, 600 a minute (about
+# what a minute of gpt-4o-mini-transcribe costs, in gpt-4o-mini input tokens, rounded up).
+AUDIO_TOKENS_PER_SECOND = 10
 
 
 @dataclass(frozen=True)
@@ -401,6 +407,7 @@ class Agent:
     async def handle_message(
         self, *, user_id: int, chat_id: int, text: str, update_id: int | None,
         language: str | None = None, stop: asyncio.Event | None = None,
+        images: tuple[ImageInput, ...] = (),
     ) -> AsyncIterator[TurnEvent]:
         """Answer one message, as events. The front end hands over one message of a chat at a
         time, in order (handlers/delivery.py: in-process, or across a fleet by a Redis lock;
@@ -432,6 +439,8 @@ class Agent:
             role=role.id if stored.memory_per_role else None,
         )
         settings = self.services.settings
+        # A photo is answered by the role's vision model; a role that cannot see gets the text.
+        vision = role.sees_images(settings.chat_model) if images else None
         run = TurnRun()
         context = TurnContext(
             services=self.services, user_id=user_id, chat_id=chat_id,
@@ -443,6 +452,7 @@ class Agent:
             # An incognito session's text is not stored: its history is the one held here.
             history=self._incognito.get(stored.session_id, []) if stored.incognito else stored.history,
             trace=trace, incognito=stored.incognito,
+            images=images if vision else (), model=vision,
             # Tools act on the user's private things (reminders): only in their private chat.
             tool_names=role.tools if chat_id == user_id else (), report=run.report, stop=stop,
         )
@@ -673,6 +683,55 @@ class Agent:
         async with self.services.sessions() as db:
             session = await Sessions(db).get(user_id, session_id)
         return None if session is None else SessionView.of(session)
+
+    # --- voice and files ----------------------------------------------------------------
+
+    async def vision_model(self, user_id: int, chat_id: int) -> str | None:
+        """The model a photo sent now would be answered with; None: the role cannot see."""
+        async with self.services.sessions() as db:
+            session = await Sessions(db).open_for(user_id, chat_id)
+            user = await Users(db).get(user_id)
+        role_id = session.role if session else self._session_role(user.role if user else None)
+        return self.role_for(None if role_id == AUTO else role_id).sees_images(
+            self.services.settings.chat_model
+        )
+
+    async def asked_before(self, user_id: int, update_id: int) -> str | None:
+        """The question stored for this update (a redelivery or a restart): a voice note is
+        answered from its stored transcript, never transcribed (and charged) twice."""
+        async with self.services.sessions() as db:
+            earlier = await Messages(db).by_update_id(update_id)
+        if earlier is None or earlier.user_id != user_id or not earlier.text:
+            return None
+        return earlier.text
+
+    async def transcribe(
+        self, user_id: int, audio: bytes, filename: str, seconds: int
+    ) -> str | Refusal | Failure:
+        """Speech as text, through the provider; reserved from the day's allowance before the
+        call (AUDIO_TOKENS_PER_SECOND) and charged when the provider may have billed it."""
+        settings = self.services.settings
+        amount = max(1, math.ceil(seconds * AUDIO_TOKENS_PER_SECOND))
+        async with self.services.sessions() as db:
+            await Users(db).ensure(user_id, None)
+            held = await Budget(db).reserve(
+                user_id, amount, await allowance(db, self.services, user_id),
+                ttl_seconds=settings.reservation_ttl_seconds,
+            )
+            await db.commit()
+        if isinstance(held, OverBudget):
+            return Refusal(held.used + held.reserved, held.limit, held.resets_at)
+        charge = amount
+        try:
+            text = await self.services.models.transcribe(audio, filename, settings.transcription_model)
+        except ModelFault as fault:
+            charge = amount if fault.kind == "timeout" else 0  # refused before any work: free
+            return Failure(fault.kind)
+        finally:
+            async with self.services.sessions() as db:
+                await Budget(db).settle(held.id, charge)
+                await db.commit()
+        return text
 
     # --- what the user sees of their memory ---------------------------------------------
 

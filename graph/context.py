@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,32 @@ def _nowhere(_: Any) -> None:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """A picture the user sent with the question (never stored: only its caption is)."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+    @property
+    def tokens(self) -> int:
+        """What the provider bills for it in high detail (OpenAI's rule): fit in 2048 px, the
+        short side to 768 px, then 170 tokens per 512 px tile plus 85. An upper bound for
+        "auto" detail, so the reservation covers it."""
+        width, height = float(max(self.width, 1)), float(max(self.height, 1))
+        scale = min(1.0, 2048 / max(width, height))
+        width, height = width * scale, height * scale
+        scale = min(1.0, 768 / min(width, height))
+        width, height = width * scale, height * scale
+        return 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)
+
+    def part(self) -> dict[str, Any]:
+        url = f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+        return {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}
+
+
+@dataclass(frozen=True)
 class TurnContext:
     """Passed at invoke time as Runtime[TurnContext]: who is asking, in which session.
 
@@ -55,6 +83,8 @@ class TurnContext:
     memory_scope: MemoryScope = PRIVATE  # which of the user's memories this chat may draw on
     daily_limit: int = 0  # the user's allowance today (their own, or DAILY_TOKEN_LIMIT)
     incognito: bool = False  # nothing of the turn is stored or remembered, nor recalled
+    images: tuple[ImageInput, ...] = ()  # pictures sent with the question
+    model: str | None = None  # this turn's model when not the role's (a photo's vision model)
     # The role's tool sets offered in this chat (graph/tools.py), bound to this user when called.
     tool_names: tuple[str, ...] = ()
     # Set by the front end when the user stops the answer (graph/model.py closes the stream).

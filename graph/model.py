@@ -236,6 +236,19 @@ class ModelGateway:
         rows = sorted(reply["data"], key=lambda row: row.get("index", 0))
         return [_vector(row["embedding"]) for row in rows]
 
+    async def transcribe(self, audio: bytes, filename: str, model: str) -> str:
+        """The text of speech, by the provider's OpenAI-compatible transcription endpoint
+        (multipart, through the SDK); raises ModelFault."""
+        async def call() -> Any:  # the SDK method is not a coroutine function: wrapped, it is
+            return await self.client.audio.transcriptions.create(model=model, file=(filename, audio))
+
+        retrying = self._retrying()
+        try:
+            reply: Any = await retrying(call)
+        except Exception as exc:
+            raise ModelFault(*_failed(exc, retrying)) from None
+        return str(getattr(reply, "text", "") or "").strip()
+
     async def reachable(self) -> None:
         """One cheap authenticated request (the readiness probe); raises what the provider says."""
         await self.client.models.list()
@@ -277,7 +290,8 @@ _OPENAI_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool":
 
 def _as_openai(message: BaseMessage) -> dict[str, Any]:
     """Our prompts hold system, user and assistant text, and tool calls with their results."""
-    content = message.content if isinstance(message.content, str) else str(message.content)
+    # A question with a picture is a list of content parts, sent as it is.
+    content: Any = message.content
     wire: dict[str, Any] = {"role": _OPENAI_ROLES[message.type], "content": content}
     if isinstance(message, ToolMessage):
         wire["tool_call_id"] = message.tool_call_id

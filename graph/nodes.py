@@ -73,7 +73,7 @@ async def retrieve_memory(state: TurnState, runtime: Runtime[TurnContext]) -> di
         ctx.trace.note(degraded=type(exc).__name__)
         log.warning("memory retrieval degraded: %s", type(exc).__name__)
         return {"memories": [], "memory_failed": True}
-    model = ctx.role.model or services.settings.chat_model
+    model = turn_model(ctx)
     return {"memories": for_prompt(hits, sessions, MEMORY_PROMPT_TOKENS, model)}
 
 
@@ -128,7 +128,7 @@ def build_prompt(
 ) -> tuple[list[BaseMessage], int]:
     """The messages sent to the model, and their tokens: the persona, the history that fits."""
     settings = ctx.services.settings
-    model = ctx.role.model or settings.chat_model
+    model = turn_model(ctx)
     system_prompt = persona_prompt(ctx.role.system_prompt, ctx.instructions, memories)
     if tools:
         system_prompt += (
@@ -138,7 +138,16 @@ def build_prompt(
     fixed = count_prompt(system_prompt, text, model) + schema_tokens(tools, model)
     room = settings.context_window - ctx.role.max_output_tokens - fixed
     kept, history_tokens = _fit_history(ctx.history, room, model)
-    return [SystemMessage(system_prompt), *kept, HumanMessage(text)], fixed + history_tokens
+    question = HumanMessage(text)
+    if ctx.images:  # a photo: the question's text with the image parts (OpenAI's content parts)
+        question = HumanMessage([{"type": "text", "text": text}, *(i.part() for i in ctx.images)])
+        fixed += sum(image.tokens for image in ctx.images)
+    return [SystemMessage(system_prompt), *kept, question], fixed + history_tokens
+
+
+def turn_model(ctx: TurnContext) -> str:
+    """The model answering this turn: a photo's vision model, else the role's, else CHAT_MODEL."""
+    return ctx.model or ctx.role.model or ctx.services.settings.chat_model
 
 
 def persona_prompt(role_prompt: str, instructions: str | None, memories: list[MemoryHit]) -> str:
@@ -224,7 +233,7 @@ async def refuse(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
 
 async def call_model(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     ctx = runtime.context
-    model = ctx.role.model or ctx.services.settings.chat_model
+    model = turn_model(ctx)
     ctx.trace.model = model
     write = ctx.report
     # The agent learns the provider may now bill the reservation (a cancelled run settles
@@ -279,7 +288,7 @@ async def run_tools(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str
     ])
     answered = [ToolMessage(content=_tool_result(o), tool_call_id=o.call_id) for o in outcomes]
     prompt = [*state["prompt"], asked, *answered]
-    model = ctx.role.model or ctx.services.settings.chat_model
+    model = turn_model(ctx)
     return {
         "prompt": prompt,
         "prompt_tokens": count_messages(prompt, model)
@@ -364,7 +373,7 @@ async def persist(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     assert result is not None
     reservation = state["reservation"]
     assert reservation is not None
-    model = ctx.role.model or ctx.services.settings.chat_model
+    model = turn_model(ctx)
     stopped_at = (
         padded(state["prompt_tokens"]) + count_tokens(result.text, model)
         if result.fault == "stopped" else 0

@@ -69,6 +69,15 @@ def _pick(texts: Mapping[Language, str], lang: str | None) -> str:
     return texts.get("en", "")
 
 
+# Models known to take images (OpenAI's and common open ones behind OpenAI-compatible servers);
+# any other model answers photos only when a role names it as its vision_model.
+VISION_MODEL_PREFIXES = (
+    "gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4-turbo", "gpt-5", "o1", "o3", "o4", "claude-3",
+    "claude-sonnet", "claude-opus", "gemini", "llava", "llama3.2-vision", "qwen2-vl",
+    "qwen2.5-vl", "pixtral", "gemma3",
+)
+
+
 @dataclass(frozen=True)
 class Role:
     """A persona loaded from one file in prompts/; the file stem is its id."""
@@ -85,6 +94,15 @@ class Role:
     path: Path
     tools: tuple[str, ...] = ()
     consult: tuple[str, ...] = ()
+    vision_model: str | None = None  # the model a photo is answered with (None: see sees_images)
+
+    def sees_images(self, default_model: str) -> str | None:
+        """The model that answers a photo in this role: its vision_model, else its own (or the
+        default) model when that is one known to take images; None: the role cannot see."""
+        if self.vision_model:
+            return self.vision_model
+        model = self.model or default_model
+        return model if model.lower().startswith(VISION_MODEL_PREFIXES) else None
 
     def label(self, lang: str | None) -> str:
         """Title in the user's language (Russian for ru* codes, otherwise English)."""
@@ -165,6 +183,9 @@ class FrontMatter(BaseModel):
     tools: tuple[Annotated[str, StringConstraints(pattern=r"^(reminders|mcp:[a-z0-9_-]{1,32})$")], ...] = ()
     # Roles this one may ask for part of the work within a turn (graph/consult.py).
     consult: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")], ...] = ()
+    # The model that answers photos in this role, when its own model does not take images.
+    vision_model: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+                            Field(strict=True)] | None = None
 
 
 def _problems(exc: ValidationError) -> str:
@@ -218,6 +239,7 @@ def _parse_role(role_id: str, path: Path, raw: bytes) -> Role:
         path=path,
         tools=fields.tools,
         consult=fields.consult,
+        vision_model=fields.vision_model,
     )
 
 

@@ -24,6 +24,7 @@ from handlers import (
     commands,
     data_rights,
     flood,
+    media,
     memory,
     personalize,
     reminders,
@@ -78,6 +79,7 @@ def root_router() -> Router:
         usage.build_router(),
         data_rights.build_router(),
         reminders.build_router(),
+        media.build_router(),
         chat.build_router(),  # last: it takes whatever the others did not
     )
     return root

@@ -23,6 +23,7 @@ from graph.agent import (
     Routed,
     SessionStarted,
 )
+from graph.context import ImageInput
 from handlers.delivery import UNDELIVERED
 from handlers.filters import HasText
 from handlers.i18n import Catalog
@@ -51,9 +52,12 @@ TYPING_EVERY = 4.0  # Telegram shows the action for ~5 s
 _last_alert: dict[str, float] = {}
 
 
-def addressed_text(message: Message, bot_username: str | None, bot_id: int) -> str | None:
-    """The text meant for the bot: all of it in private; in groups only when mentioned or replied to."""
-    text = message.text or ""
+def addressed_text(
+    message: Message, bot_username: str | None, bot_id: int, text: str | None = None
+) -> str | None:
+    """The text meant for the bot: all of it in private; in groups only when mentioned or replied to.
+    `text`: what to read instead of the message's text (a file's caption)."""
+    text = message.text or "" if text is None else text
     if message.chat.type == "private":
         return text
     replied = message.reply_to_message
@@ -92,6 +96,16 @@ async def chat(
     if len(text) > limit:
         await message.reply(catalog.text(lang, "input.text_too_long", length=len(text), max=limit))
         return None
+    await respond(message, text, event_update, bot, agent, catalog, pacer, stoppable, lang)
+
+
+async def respond(
+    message: Message, text: str, event_update: Update, bot: Bot, agent: Agent, catalog: Catalog,
+    pacer: ChatPacer, stoppable: Stoppable, lang: str | None, images: tuple[ImageInput, ...] = (),
+) -> None:
+    """Answer `text` as the message's question (typed, transcribed or read from a file),
+    streamed into the chat, stoppable while it streams."""
+    assert message.from_user is not None
     private = message.chat.type == "private"
     stream = AnswerStream(
         bot, message.chat.id, private=private, pacer=pacer,
@@ -108,7 +122,7 @@ async def chat(
             with running as stop:
                 async for event in agent.handle_message(
                     user_id=message.from_user.id, chat_id=message.chat.id, text=text,
-                    update_id=event_update.update_id, language=lang, stop=stop,
+                    update_id=event_update.update_id, language=lang, stop=stop, images=images,
                 ):
                     await _show(event, stream, message, bot, agent, catalog, lang)
     except UNDELIVERED:

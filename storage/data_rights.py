@@ -50,7 +50,8 @@ def _session(row: ChatSession) -> dict[str, Any]:
     return {
         "id": row.id, "chat_id": row.chat_id, "title": row.title, "role": row.role,
         "status": row.status, "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
-        "end_reason": row.end_reason, "summary": row.summary, "messages": [],
+        "end_reason": row.end_reason, "summary": row.summary, "incognito": row.incognito,
+        "messages": [],
     }
 
 
@@ -168,7 +169,9 @@ async def export_user(db: AsyncSession, user_id: int) -> dict[str, Any]:
             "telegram_id": user.id, "language": user.language, "role": user.role,
             "custom_instructions": user.instructions,
             "private_data_in_groups": user.private_data_in_groups,
-            "timezone": user.timezone, "created_at": _iso(user.created_at),
+            "timezone": user.timezone, "memory_per_role": user.memory_per_role,
+            "daily_limit": user.daily_limit, "warned_on": _iso(user.warned_on),
+            "created_at": _iso(user.created_at),
         },
         **sections,
     }

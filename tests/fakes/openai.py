@@ -20,6 +20,7 @@ from aiohttp import web
 
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 
 
 
@@ -158,6 +159,9 @@ class FakeOpenAI:
         self.usage_override: dict[str, int] | None = usage_override
         self.models = models
         self.requests: list[Request] = []
+        # What /audio/transcriptions answers: a fixed text, or a function of the audio bytes.
+        self.transcript: str | Callable[[bytes], str] = "transcribed speech"
+        self.transcriptions: list[dict[str, Any]] = []  # form fields and the audio's size
         self.prompt_token_counter, self._count_prompt = _prompt_counter()
         self._count_text = _text_counter()
         self._chat_faults: deque[_Fault] = deque()
@@ -175,6 +179,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post(CHAT_PATH, self._chat)
         app.router.add_post(EMBEDDINGS_PATH, self._embeddings)
+        app.router.add_post(TRANSCRIPTIONS_PATH, self._transcriptions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         # handler_cancellation: a client that disconnects cancels its handler (aiohttp's
@@ -279,6 +284,19 @@ class FakeOpenAI:
         self._embedding_faults.extend(_Fault(kind, dict(opts)) for _ in range(times))
 
     # ----------------------------------------------------------------- handlers
+
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        """POST /v1/audio/transcriptions, multipart: file, model[, response_format, language]."""
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField) or not form.get("model"):
+            return _error(400, "file and model are required", "invalid_request_error", None)
+        audio = upload.file.read()
+        fields = {key: str(value) for key, value in form.items() if key != "file"}
+        self.transcriptions.append({**fields, "filename": upload.filename, "size": len(audio)})
+        self.requests.append(Request(request.path, fields, dict(request.headers), time.monotonic()))
+        text = self.transcript(audio) if callable(self.transcript) else self.transcript
+        return web.json_response({"text": text})
 
     async def _record(self, request: web.Request) -> Request | web.Response:
         try:

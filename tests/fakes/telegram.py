@@ -117,6 +117,9 @@ class UploadedFile:
     content_type: str
 
 
+BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024
+
+
 @dataclass
 class Call:
     """One Bot API request as received; ``failed`` is set when the fake answered with an error."""
@@ -341,6 +344,7 @@ class FakeTelegram:
         self._failures: list[_Failure] = []
         self._open_queries: set[str] = set()
         self._seq = 0  # for file ids and callback query ids
+        self._files: dict[str, bytes] = {}  # what users sent, by file_id (getFile, /file/...)
         self._changed = asyncio.Event()
         self._closing = False
         self._runner: web.AppRunner | None = None
@@ -357,6 +361,7 @@ class FakeTelegram:
                 "setMyCommands": self._set_my_commands, "getMyCommands": self._get_my_commands,
                 "deleteMyCommands": self._delete_my_commands, "setWebhook": self._set_webhook,
                 "deleteWebhook": self._delete_webhook, "getWebhookInfo": self._get_webhook_info,
+                "getFile": self._get_file,
                 "close": lambda p, bot: True, "logOut": lambda p, bot: True,
             }.items()
         }  # fmt: skip
@@ -366,6 +371,7 @@ class FakeTelegram:
     async def start(self) -> FakeTelegram:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._download)
         # handler_cancellation: a long poll whose client went away (stop_polling) just ends.
         self._runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None
@@ -590,16 +596,20 @@ class FakeTelegram:
         return self._send_media(user_id, chat_id, "sticker", sticker)
 
     def send_photo(
-        self, user_id: int, *, chat_id: int | None = None, caption: str | None = None
+        self, user_id: int, *, chat_id: int | None = None, caption: str | None = None,
+        content: bytes = b"\xff\xd8\xff fake jpeg",
     ) -> Obj:
-        sizes = [{**self._file("PHO"), "width": w, "height": w} for w in (90, 800)]
+        """Two sizes, as Telegram sends: a thumbnail and the photo (`content`), largest last."""
+        sizes = [{**self._file("PHO", data), "width": w, "height": w}
+                 for w, data in ((90, b"\xff\xd8\xff thumb"), (800, content))]
         return self._send_media(user_id, chat_id, "photo", sizes, caption)
 
     def send_voice(
-        self, user_id: int, *, chat_id: int | None = None, duration: int = 3
+        self, user_id: int, *, chat_id: int | None = None, duration: int = 3,
+        content: bytes = b"OggS fake voice", caption: str | None = None,
     ) -> Obj:
-        voice = {**self._file("VOI"), "duration": duration, "mime_type": "audio/ogg"}
-        return self._send_media(user_id, chat_id, "voice", voice)
+        voice = {**self._file("VOI", content), "duration": duration, "mime_type": "audio/ogg"}
+        return self._send_media(user_id, chat_id, "voice", voice, caption)
 
     def send_document_from_user(
         self,
@@ -609,22 +619,50 @@ class FakeTelegram:
         file_name: str = "notes.txt",
         mime_type: str = "text/plain",
         caption: str | None = None,
+        content: bytes = b"notes",
+        file_size: int | None = None,  # what Telegram says; defaults to the content's size
     ) -> Obj:
-        doc = {**self._file("DOC"), "file_name": file_name, "mime_type": mime_type}
+        doc = {**self._file("DOC", content, file_size), "file_name": file_name, "mime_type": mime_type}
         return self._send_media(user_id, chat_id, "document", doc, caption)
 
     def _send_media(
         self, user_id: int, chat_id: int | None, key: str, obj: Any, caption: str | None = None
     ) -> Obj:
-        message = self._user_message(user_id, chat_id, "private")
+        chat_type = "private" if chat_id is None or chat_id > 0 else "group"
+        message = self._user_message(user_id, chat_id, chat_type)
         message[key] = obj
         if caption:
             message["caption"] = caption
         return self._enqueue_message(message)
 
-    def _file(self, prefix: str) -> dict[str, str]:
+    def _file(
+        self, prefix: str, content: bytes = b"", file_size: int | None = None
+    ) -> dict[str, Any]:
         self._seq += 1
-        return {"file_id": f"{prefix}{self._seq}", "file_unique_id": f"U{prefix}{self._seq}"}
+        file_id = f"{prefix}{self._seq}"
+        self._files[file_id] = content
+        return {"file_id": file_id, "file_unique_id": f"U{prefix}{self._seq}",
+                "file_size": len(content) if file_size is None else file_size}
+
+    def _get_file(self, params: Params, bot: Obj) -> Obj:
+        file_id = str(params.get("file_id"))
+        if file_id not in self._files:
+            raise ApiError(400, "Bad Request: invalid file_id")
+        content = self._files[file_id]
+        if len(content) > BOT_API_DOWNLOAD_LIMIT:  # the cloud Bot API's own limit
+            raise ApiError(400, "Bad Request: file is too big")
+        return {"file_id": file_id, "file_unique_id": f"U{file_id}", "file_size": len(content),
+                "file_path": f"files/{file_id}"}
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if self.token is not None and request.match_info["token"] != self.token:
+            return web.Response(status=401)
+        self.calls.append(Call("download", {"path": request.match_info["path"]}, time.monotonic()))
+        self._notify()
+        file_id = request.match_info["path"].removeprefix("files/")
+        if file_id not in self._files:
+            return web.Response(status=404)
+        return web.Response(body=self._files[file_id], content_type="application/octet-stream")
 
     def _user(self, user_id: int) -> Obj:
         return self._users.get(user_id) or {"id": user_id, "is_bot": False, "first_name": "Test"}
@@ -748,6 +786,11 @@ class FakeTelegram:
             msg["reply_to_message"] = self._message_object(m.chat_id, m.reply_to_message_id)
         return msg
 
+    def _exists(self, chat_id: int, message_id: int) -> bool:
+        return (chat_id, message_id) in self._user_messages or any(
+            m.message_id == message_id for m in self._messages.get(chat_id, [])
+        )
+
     def _message_object(self, chat_id: int, message_id: int) -> Obj:
         """Any message of the chat (user's or bot's) as a Bot API object, one level deep."""
         if (chat_id, message_id) in self._user_messages:
@@ -834,6 +877,10 @@ class FakeTelegram:
         text, entities = self._render(params, "text", MAX_TEXT, required=True)
         reply = params.get("reply_parameters") or {}
         reply_to = params.get("reply_to_message_id") or reply.get("message_id")
+        if reply_to and not self._exists(chat_id, int(reply_to)):
+            if not reply.get("allow_sending_without_reply"):
+                raise ApiError(400, "Bad Request: message to be replied not found")
+            reply_to = None  # as Telegram does: sent, but not as a reply
         sent = SentMessage(
             chat_id=chat_id, message_id=self._new_message_id(chat_id), date=int(time.time()),
             from_user=bot, text=text, raw_text=params.get("text"), entities=entities,
