@@ -96,14 +96,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         except (OSError, SQLAlchemyError) as exc:
             raise ConfigError(f"DATABASE_URL: cannot use the database ({type(exc).__name__})") from None
         sessions = session_maker(engine)
-        models = ModelGateway(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
-            embedding_model=settings.embedding_model,
-            timeout=settings.model_timeout,
-            max_attempts=settings.model_max_attempts,
-            retry_base_delay=settings.model_retry_base_delay,
-        )
+        models = ModelGateway.from_settings(settings)
         embedder = build_embedder(settings, models)
         memory = await build_memory(settings, sessions, embedder.space)
         try:

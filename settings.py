@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(20, ge=1, le=2_000)
     max_audio_seconds: int = Field(600, ge=1, le=14_400)
     transcription_model: str = "gpt-4o-mini-transcribe"
+    # A local speech engine speaking the same protocol (faster-whisper-server, LocalAI...);
+    # None: OPENAI_BASE_URL.
+    transcription_base_url: str | None = None
     memory_top_k: int = Field(3, ge=0, le=20)  # earlier sessions an answer may draw on; 0: none
     history_messages: int = Field(40, ge=0)
     reservation_ttl_seconds: int = Field(600, ge=10)
@@ -129,7 +132,9 @@ class Settings(BaseSettings):
             raise ValueError("expected a bot token like 123456:ABC-DEF")
         return value
 
-    @field_validator("telegram_api_url", "openai_base_url", "pinecone_host", "webhook_url")
+    @field_validator(
+        "telegram_api_url", "openai_base_url", "pinecone_host", "webhook_url", "transcription_base_url"
+    )
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value in (None, ""):

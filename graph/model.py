@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import numpy as np
@@ -21,6 +21,9 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
+
+if TYPE_CHECKING:
+    from settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ class ModelGateway:
 
     def __init__(
         self, *, api_key: str, base_url: str | None, embedding_model: str, timeout: float,
-        max_attempts: int, retry_base_delay: float,
+        max_attempts: int, retry_base_delay: float, transcription_base_url: str | None = None,
     ) -> None:
         self._max_attempts = max_attempts
         self._retry_base_delay = retry_base_delay
@@ -151,6 +154,22 @@ class ModelGateway:
         self.client = openai.AsyncOpenAI(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout,
             http_client=self._http,
+        )
+        # Speech may go to a local engine of its own (faster-whisper-server, whisper.cpp's
+        # server, LocalAI...): the same OpenAI protocol at another address, on the same pool.
+        self.speech_client = self.client if not transcription_base_url else openai.AsyncOpenAI(
+            api_key=api_key, base_url=transcription_base_url, max_retries=0, timeout=timeout,
+            http_client=self._http,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelGateway:
+        return cls(
+            api_key=settings.openai_api_key.get_secret_value(), base_url=settings.openai_base_url,
+            embedding_model=settings.embedding_model, timeout=settings.model_timeout,
+            max_attempts=settings.model_max_attempts,
+            retry_base_delay=settings.model_retry_base_delay,
+            transcription_base_url=settings.transcription_base_url,
         )
 
     async def aclose(self) -> None:
@@ -240,7 +259,9 @@ class ModelGateway:
         """The text of speech, by the provider's OpenAI-compatible transcription endpoint
         (multipart, through the SDK); raises ModelFault."""
         async def call() -> Any:  # the SDK method is not a coroutine function: wrapped, it is
-            return await self.client.audio.transcriptions.create(model=model, file=(filename, audio))
+            return await self.speech_client.audio.transcriptions.create(
+                model=model, file=(filename, audio)
+            )
 
         retrying = self._retrying()
         try:

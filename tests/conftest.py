@@ -183,11 +183,7 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
     from memory.embedders import build_embedder
     from memory.local import LocalMemory
 
-    models = ModelGateway(
-        api_key=settings.openai_api_key.get_secret_value(), base_url=settings.openai_base_url,
-        embedding_model=settings.embedding_model, timeout=settings.model_timeout,
-        max_attempts=settings.model_max_attempts, retry_base_delay=settings.model_retry_base_delay,
-    )
+    models = ModelGateway.from_settings(settings)
     embedder = build_embedder(settings, models)
     services = Services(
         settings=settings, sessions=sessions,

@@ -177,3 +177,15 @@ async def test_a_role_that_cannot_see_says_so_at_no_cost(start_bot: Any) -> None
         refused = await h.reply_to(update)
         assert "can't see images" in (refused.text or "")
         assert h.ai.chat_requests == [] and not any(c.method == "getFile" for c in h.tg.calls)
+
+
+async def test_speech_can_go_to_a_local_engine_of_its_own(start_bot: Any) -> None:
+    from tests.fakes.openai import FakeOpenAI
+
+    async with FakeOpenAI() as local, start_bot(transcription_base_url=local.base_url) as h:
+        local.transcript = "heard locally"
+        h.ai.reply = "ok"
+        update = h.tg.send_voice(USER, duration=2)
+        await h.reply_to(update, lambda m: m.text == "ok")
+        assert len(local.transcriptions) == 1 and h.ai.transcriptions == []
+        assert user_prompt(h.ai.chat_requests[-1]) == "heard locally"
