@@ -487,9 +487,13 @@ class Agent:
             self._remember_incognito(stored.session_id, text, event, final)
         yield event
         if isinstance(event, Answer) and chat_id == user_id:  # usage is private: not in groups
-            warning = await self._warning(user_id, context.daily_limit)
-            if warning is not None:
-                yield warning
+            # Read the ledger only when this answer may have crossed the line: most do not.
+            limit = context.daily_limit
+            spent = limit - final.get("left_before", limit) + event.charged
+            if limit > 0 and spent >= WARN_AT * limit:
+                warning = await self._warning(user_id, limit)
+                if warning is not None:
+                    yield warning
         self._save_trace(trace)
 
     def _remember_incognito(

@@ -202,10 +202,13 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
     limit = ctx.daily_limit
     role_cap = ctx.role.max_output_tokens
 
+    left: list[int] = []
+
     def size(remaining: int) -> tuple[int, int]:
         # The answer may use what is left, up to the role's cap: the reservation is then an
         # upper bound on what the call can cost, so the limit holds whatever the model does.
         # `remaining` only sizes the request; admission is the atomic UPDATE in core.reserve.
+        left.append(remaining)
         prompt = padded(state["prompt_tokens"])
         max_tokens = min(role_cap, remaining - prompt)
         if max_tokens < min(MIN_OUTPUT_TOKENS, role_cap):
@@ -218,7 +221,10 @@ async def reserve_budget(state: TurnState, runtime: Runtime[TurnContext]) -> dic
     if isinstance(outcome, OverBudget):
         return {"refusal": outcome, "reservation": None}
     ctx.report(outcome)  # a run cut off from here on settles it (graph/agent.py)
-    return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens}
+    # What the day had left before the turn's first call: with what the turn is charged, it
+    # tells whether the answer may have taken the day past the warning line, without a read.
+    return {"reservation": outcome, "refusal": None, "max_tokens": max_tokens,
+            "left_before": state.get("left_before", left[-1] if left else limit)}
 
 
 # Routers are coroutines too: LangGraph runs a plain function in a worker thread under ainvoke.

@@ -22,6 +22,7 @@ class TurnState(TypedDict, total=False):
     max_tokens: int
     reservation: Reserved | None
     refusal: OverBudget | None
+    left_before: int  # tokens the day had left before the turn's first reservation
     result: ModelResult | None
     tool_rounds: int  # model calls so far that asked for tools
     earlier_text: str  # what the model said before its tool calls, shown with the answer
