@@ -774,8 +774,12 @@ class Agent:
         return await store_units(self.services, user_id, [correction]) is None
 
     async def forget_session_memory(self, user_id: int, session_id: int) -> int:
+        """Everything a session left in memory, its summary in /list_sessions included."""
         async with self.services.sessions() as db:
             ids = await Memories(db).ids_of_session(user_id, session_id)
+            if await Sessions(db).get(user_id, session_id) is not None:
+                await Sessions(db).set_summary(session_id, None)
+                await db.commit()
         return await self.services.memory.forget(user_id, ids)
 
     async def rewrite_memory(self, user_id: int, session_id: int, text: str) -> SessionView | None:

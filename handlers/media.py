@@ -38,9 +38,19 @@ async def addressed_caption(message: Message, bot: Bot) -> str | None:
     return None if found is None else found.strip()
 
 
-async def download(bot: Bot, file_id: str) -> bytes:
+async def download(
+    message: Message, bot: Bot, file_id: str, catalog: Catalog, lang: str | None, max_mb: int
+) -> bytes | None:
+    """The file's bytes; None when Telegram will not hand it over (the user is told why)."""
     buffer = io.BytesIO()
-    await bot.download(file_id, destination=buffer)
+    try:
+        await bot.download(file_id, destination=buffer)
+    except TelegramBadRequest as exc:
+        too_big = "too big" in str(exc).lower()
+        await message.reply(catalog.text(
+            lang, "media.too_large" if too_big else "media.unavailable", max=max_mb
+        ))
+        return None
     return buffer.getvalue()
 
 
@@ -69,10 +79,8 @@ async def speech(
     # Answered before a restart or a redelivery: its transcript is stored, not made again.
     text = await agent.asked_before(message.from_user.id, event_update.update_id)
     if text is None:
-        try:
-            audio = await download(bot, media.file_id)
-        except TelegramBadRequest:
-            await message.reply(catalog.text(lang, "media.too_large", max=settings.max_file_mb))
+        audio = await download(message, bot, media.file_id, catalog, lang, settings.max_file_mb)
+        if audio is None:
             return
         name = getattr(media, "file_name", None) or (
             "voice.ogg" if message.voice else "video_note.mp4" if message.video_note else "audio.mp3"
@@ -136,7 +144,10 @@ async def photo(
             return
         file_id, mime = message.document.file_id, message.document.mime_type or "image/png"
         width = height = 2048  # unknown: priced as the largest the provider takes
-    image = ImageInput(await download(bot, file_id), mime, width, height)
+    data = await download(message, bot, file_id, catalog, lang, settings.max_file_mb)
+    if data is None:
+        return
+    image = ImageInput(data, mime, width, height)
     # What is stored (and read back as history) is the caption and a note of the picture.
     question = f"{caption or 'What is in this picture?'}\n[a photo is attached]"
     await respond(message, question, event_update, bot, agent, catalog, pacer, stoppable, lang,
@@ -163,12 +174,11 @@ async def document(
         await message.reply(catalog.text(lang, "media.too_large", max=settings.max_file_mb))
         return
     name = doc.file_name or "document"
-    try:
-        data = await download(bot, doc.file_id)
-        found = read(name, doc.mime_type, data, settings.chat_model)
-    except TelegramBadRequest:
-        await message.reply(catalog.text(lang, "media.too_large", max=settings.max_file_mb))
+    data = await download(message, bot, doc.file_id, catalog, lang, settings.max_file_mb)
+    if data is None:
         return
+    try:
+        found = read(name, doc.mime_type, data, settings.chat_model)
     except Unreadable as problem:
         await message.reply(catalog.text(lang, f"media.document_{problem.reason}", name=name))
         return

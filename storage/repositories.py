@@ -152,7 +152,7 @@ class Sessions:
         await self.db.execute(delete(Message).where(Message.session_id == session_id))
         await self.db.execute(delete(ChatSession).where(ChatSession.id == session_id))
 
-    async def set_summary(self, session_id: int, summary: str) -> None:
+    async def set_summary(self, session_id: int, summary: str | None) -> None:
         await self.db.execute(
             update(ChatSession).where(ChatSession.id == session_id).values(summary=summary)
         )

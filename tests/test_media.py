@@ -189,3 +189,16 @@ async def test_speech_can_go_to_a_local_engine_of_its_own(start_bot: Any) -> Non
         await h.reply_to(update, lambda m: m.text == "ok")
         assert len(local.transcriptions) == 1 and h.ai.transcriptions == []
         assert user_prompt(h.ai.chat_requests[-1]) == "heard locally"
+
+
+async def test_a_file_telegram_will_not_hand_over_gets_a_clear_answer(start_bot: Any) -> None:
+    async with start_bot() as h:
+        for key, media in (
+            ("voice", {"file_id": "GONE1", "file_unique_id": "G1", "duration": 2}),
+            ("photo", [{"file_id": "GONE2", "file_unique_id": "G2", "width": 90, "height": 90}]),
+            ("document", {"file_id": "GONE3", "file_unique_id": "G3", "file_name": "a.txt"}),
+        ):
+            update = h.tg._send_media(USER, None, key, media, None)
+            answer = await h.reply_to(update)
+            assert "wouldn't hand me that file" in (answer.text or ""), key
+        assert h.ai.chat_requests == [] and h.ai.transcriptions == []

@@ -130,6 +130,8 @@ async def test_a_summary_can_be_left_out_of_memory_when_the_session_ends(
 
     assert await units_of(sessions, ALICE) == {}
     assert "nothing of this session" in (h.tg._bot_message(ALICE, ended.message_id).text or "")
+    view = await h.agent.get_session(ALICE, session_id)
+    assert view is not None and view.summary is None  # not in /list_sessions either
 
 
 async def test_an_edited_summary_is_what_gets_remembered(
