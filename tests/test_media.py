@@ -202,3 +202,25 @@ async def test_a_file_telegram_will_not_hand_over_gets_a_clear_answer(start_bot:
             answer = await h.reply_to(update)
             assert "wouldn't hand me that file" in (answer.text or ""), key
         assert h.ai.chat_requests == [] and h.ai.transcriptions == []
+
+
+async def test_a_docx_files_text_reaches_the_prompt(start_bot: Any) -> None:
+    import io
+
+    import docx
+
+    document = docx.Document()
+    document.add_paragraph("Quarterly goals: ship the billing page.")
+    document.add_paragraph("Owner: Marta.")
+    saved = io.BytesIO()
+    document.save(saved)
+    async with start_bot() as h:
+        h.ai.reply = "Marta owns it."
+        update = h.tg.send_document_from_user(
+            USER, file_name="goals.docx", content=saved.getvalue(),
+            mime_type="application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        )
+        await h.reply_to(update, lambda m: m.text == "Marta owns it.")
+        prompt = user_prompt(h.ai.chat_requests[-1])
+        assert prompt.startswith("Here is a document.")
+        assert "ship the billing page.\nOwner: Marta." in prompt
