@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 import re
 import sys
@@ -96,17 +98,11 @@ def finished_sessions(conversation: dict[str, Any], user_id: int) -> list[Any]:
         ]
         found.append(FinishedSession(
             user_id=user_id, session_id=n, chat_id=None, role="personal_assistant", title=None,
-            started_at=dates.parse(talk[f"session_{n}_date_time"]).replace(tzinfo=dt_utc()),
+            started_at=dates.parse(talk[f"session_{n}_date_time"]).replace(tzinfo=dt.UTC),
             ended_at=None, summary=note, transcript=transcript,
         ))
         n += 1
     return found
-
-
-def dt_utc() -> Any:
-    import datetime as dt
-
-    return dt.UTC
 
 
 async def run(data: list[dict[str, Any]], dense_weight: float, scale_to: int) -> dict[str, Any]:
@@ -188,8 +184,6 @@ def user_for(kind_set: int, conversation: int) -> int:
 
 
 def replace_user(item: Any, user_id: int) -> Any:
-    import dataclasses
-
     return dataclasses.replace(item, user_id=user_id)
 
 
@@ -244,8 +238,6 @@ async def at_scale(sessions: Any, store: Any, embedder: Any, data: list[dict[str
 
 
 def replace_session(item: Any, copy: int) -> Any:
-    import dataclasses
-
     return dataclasses.replace(item, session_id=item.session_id + 1000 * copy)
 
 
