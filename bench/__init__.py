@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
-NAMES = ("overhead", "throughput", "retrieval", "streaming", "startup", "agents", "memory")
+NAMES = ("overhead", "throughput", "retrieval", "streaming", "startup", "agents", "memory",
+         "lean")

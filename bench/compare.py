@@ -125,10 +125,23 @@ def memory_figures(data: dict[str, Any]) -> Figures:
     return out
 
 
+def lean_figures(data: dict[str, Any]) -> Figures:
+    names = {
+        "reaction_ms": "first reaction, private, p50 (ms)",
+        "reaction_group_ms": "first reaction, group, p50 (ms)",
+        "fresh_s": "start-up to first getUpdates, fresh (s)",
+        "warm_s": "start-up to first getUpdates, warm (s)",
+        "rss200_mb": "peak RSS, 200 users at once (MB)",
+        "answers_per_s_200": "answers per second, 200 users at once",
+        "rss1000_mb": "peak RSS, 1,000 users in flight (MB)",
+    }
+    return {label: dig(data, "figures", key) for key, label in names.items()}
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figures]] = {
     "overhead": overhead_figures, "throughput": throughput_figures,
     "retrieval": retrieval_figures, "streaming": streaming_figures, "startup": startup_figures,
-    "agents": agents_figures, "memory": memory_figures,
+    "agents": agents_figures, "memory": memory_figures, "lean": lean_figures,
 }
 assert set(FIGURES) == set(NAMES), "every benchmark needs its key figures here"
 

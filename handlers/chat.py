@@ -45,10 +45,9 @@ FAILURE_TEXTS = {
     "stopped": "chat.stopped_before_any",
 }
 ADMIN_ALERT_INTERVAL = 600.0
-# "typing…" is for a wait: an answer already streaming by then shows itself, and every
-# sendChatAction counts against the chat's flood limit like the drafts do.
-TYPING_AFTER = 0.5
-TYPING_EVERY = 4.0  # Telegram shows the action for ~5 s
+# After the first reaction (AnswerStream.react), "typing…" again while a long wait goes on (a
+# tool, a consulted role): Telegram shows the action for ~5 s.
+TYPING_EVERY = 4.0
 _last_alert: dict[str, float] = {}
 
 
@@ -115,9 +114,10 @@ async def respond(
     running = stoppable.running(
         message.chat.id, message.from_user.id, draft=stream.draft_id, question=message.message_id
     )
+    stream.react()
     try:
         async with ChatActionSender.typing(
-            bot=bot, chat_id=message.chat.id, interval=TYPING_EVERY, initial_sleep=TYPING_AFTER
+            bot=bot, chat_id=message.chat.id, interval=TYPING_EVERY, initial_sleep=TYPING_EVERY
         ):
             with running as stop:
                 async for event in agent.handle_message(

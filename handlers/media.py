@@ -18,6 +18,7 @@ import logging
 from aiogram import Bot, F, Router
 from aiogram.exceptions import TelegramBadRequest
 from aiogram.types import Message, ReplyParameters, Update
+from aiogram.utils.chat_action import ChatActionSender
 
 from graph.agent import Agent, Failure, Refusal
 from graph.context import ImageInput
@@ -36,6 +37,12 @@ async def addressed_caption(message: Message, bot: Bot) -> str | None:
     me = await bot.me()
     found = addressed_text(message, me.username, me.id, text=message.caption or "")
     return None if found is None else found.strip()
+
+
+def preparing(message: Message, bot: Bot) -> ChatActionSender:
+    """"typing…" at once while a file is fetched and read or heard: seconds before the answer
+    can begin (then the answer's own first reaction takes over)."""
+    return ChatActionSender.typing(bot=bot, chat_id=message.chat.id, initial_sleep=0.0)
 
 
 async def download(
@@ -79,13 +86,15 @@ async def speech(
     # Answered before a restart or a redelivery: its transcript is stored, not made again.
     text = await agent.asked_before(message.from_user.id, event_update.update_id)
     if text is None:
-        audio = await download(message, bot, media.file_id, catalog, lang, settings.max_file_mb)
-        if audio is None:
-            return
-        name = getattr(media, "file_name", None) or (
-            "voice.ogg" if message.voice else "video_note.mp4" if message.video_note else "audio.mp3"
-        )
-        heard = await agent.transcribe(message.from_user.id, audio, name, media.duration or 1)
+        async with preparing(message, bot):
+            audio = await download(message, bot, media.file_id, catalog, lang, settings.max_file_mb)
+            if audio is None:
+                return
+            name = getattr(media, "file_name", None) or (
+                "voice.ogg" if message.voice else "video_note.mp4" if message.video_note
+                else "audio.mp3"
+            )
+            heard = await agent.transcribe(message.from_user.id, audio, name, media.duration or 1)
         if isinstance(heard, Refusal):
             await message.reply(catalog.text(
                 lang, "budget.limit_reached", used=heard.used, limit=heard.limit,
@@ -144,7 +153,8 @@ async def photo(
             return
         file_id, mime = message.document.file_id, message.document.mime_type or "image/png"
         width = height = 2048  # unknown: priced as the largest the provider takes
-    data = await download(message, bot, file_id, catalog, lang, settings.max_file_mb)
+    async with preparing(message, bot):
+        data = await download(message, bot, file_id, catalog, lang, settings.max_file_mb)
     if data is None:
         return
     image = ImageInput(data, mime, width, height)
@@ -174,14 +184,15 @@ async def document(
         await message.reply(catalog.text(lang, "media.too_large", max=settings.max_file_mb))
         return
     name = doc.file_name or "document"
-    data = await download(message, bot, doc.file_id, catalog, lang, settings.max_file_mb)
-    if data is None:
-        return
-    try:
-        found = read(name, doc.mime_type, data, settings.chat_model)
-    except Unreadable as problem:
-        await message.reply(catalog.text(lang, f"media.document_{problem.reason}", name=name))
-        return
+    async with preparing(message, bot):
+        data = await download(message, bot, doc.file_id, catalog, lang, settings.max_file_mb)
+        if data is None:
+            return
+        try:
+            found = read(name, doc.mime_type, data, settings.chat_model)
+        except Unreadable as problem:
+            await message.reply(catalog.text(lang, f"media.document_{problem.reason}", name=name))
+            return
     # The document is data, never instructions: fenced, escaped so it cannot close its fence.
     fenced = html.escape(found.text, quote=False)
     note = "\n[The document was longer: only its beginning is above.]" if found.cut else ""

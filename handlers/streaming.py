@@ -29,6 +29,7 @@ DRAFT_INTERVAL = 0.3  # ~3 drafts a second: smooth, and well below Telegram's fl
 EDIT_INTERVAL = 1.0  # edits count as messages: at most one a second per chat
 PREVIEW_LIMIT = 4000  # a preview shows the tail of a long answer within one message
 CURSOR = " ▍"
+REACTION_GRACE = 2.0  # seconds the answer waits for its own "Thinking…" to reach Telegram
 
 
 class ChatPacer:
@@ -75,6 +76,14 @@ class AnswerStream:
         self._closed = False
         self._finished = asyncio.Event()
         self._painter: asyncio.Task[None] | None = None
+        self._reaction: asyncio.Task[None] | None = None
+        self._reacting = False  # its request is on its way
+
+    def react(self) -> None:
+        """The first sign of life, without waiting for the model: Telegram's "Thinking…" draft
+        in a private chat (it carries the stop control from the start), "typing…" in a group.
+        Sent in the background, paced like a preview, and never after the answer has begun."""
+        self._reaction = asyncio.create_task(self._react())
 
     def add(self, delta: str) -> None:
         self._text += delta
@@ -172,10 +181,41 @@ class AnswerStream:
         self.pacer.mark(self.chat_id)
         return edited if isinstance(edited, Message) else self.placeholder
 
+    async def _react(self) -> None:
+        interval = DRAFT_INTERVAL if self.use_drafts else EDIT_INTERVAL
+        # A chat shown something a moment ago (the answer before this one) waits its turn.
+        if delay := self.pacer.wait_time(self.chat_id, interval):
+            await asyncio.sleep(delay)
+        self.pacer.mark(self.chat_id)
+        self._reacting = True
+        try:
+            if self.use_drafts:
+                await self.bot.send_message_draft(
+                    chat_id=self.chat_id, draft_id=self.draft_id, text="", parse_mode=None,
+                    can_stop=True, keep_on_stop=True,
+                )
+            else:
+                await self.bot.send_chat_action(self.chat_id, "typing")
+        except TelegramAPIError as exc:  # the answer does not depend on it
+            log.info("first reaction not shown: %s", type(exc).__name__)
+
+    async def _settle_reaction(self) -> None:
+        """What the chat shows next must not be overtaken by a late "Thinking…": a reaction on
+        its way is waited for (briefly: flood control may hold it), one still waiting for its
+        turn is dropped."""
+        if self._reaction is None:
+            return
+        if not self._reacting:
+            self._reaction.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._reaction, REACTION_GRACE)
+        self._reaction = None
+
     async def _stop_painter(self) -> None:
         self._closed = True
         self._finished.set()
         self._changed.set()
+        await self._settle_reaction()
         if self._painter is not None:
             try:
                 await self._painter
@@ -190,6 +230,7 @@ class AnswerStream:
             self.placeholder = None
 
     async def _paint(self) -> None:
+        await self._settle_reaction()
         await self.pacer.refresh(self.chat_id)
         while not self._closed:
             await self._changed.wait()

@@ -177,21 +177,6 @@ async def test_flood_control_is_waited_out_and_the_answer_arrives_once(harness: 
     assert retried[0].at - failed[0].at >= 1.0  # waited the whole retry_after
 
 
-async def test_typing_is_shown_while_the_model_is_slow_and_not_for_a_quick_answer(
-    harness: Harness,
-) -> None:
-    h = harness
-    h.ai.reply = "Quick."
-    update = await user_says(h, 6006, "hello")
-    await next_reply(h, 6006, update, lambda m: "Quick" in (m.text or ""))
-    h.ai.first_token_delay = 1.5
-    h.ai.reply = "Slow."
-    update = await user_says(h, 6007, "hello")
-    await next_reply(h, 6007, update, lambda m: "Slow" in (m.text or ""), timeout=10)
-    typing = [c for c in h.tg.calls_of("sendChatAction") if c.params.get("action") == "typing"]
-    assert [int(c.params["chat_id"]) for c in typing] == [6007]
-
-
 async def test_unsupported_message_costs_nothing(harness: Harness) -> None:
     h = harness
     update = h.tg.send_sticker(5005)

@@ -47,7 +47,10 @@ async def test_the_draft_stop_control_stops_the_answer_and_keeps_what_came(h: Ha
     h.ai.chunk_delay = 0.02  # six seconds of answer
     start = len(h.tg.calls)
     update = h.tg.send_text(ALICE, "tell me a long story")
-    draft = await h.tg.wait_for(lambda c: c.method == "sendMessageDraft", timeout=10, start=start)
+    draft = await h.tg.wait_for(  # past "Thinking…": the answer has begun
+        lambda c: c.method == "sendMessageDraft" and bool(c.params.get("text")), timeout=10,
+        start=start,
+    )
     assert draft.params.get("can_stop") is True
 
     h.tg.enqueue({"update_id": 970_001, "stopped_message_generation": {
