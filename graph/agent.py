@@ -8,178 +8,52 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graph.builder import build_summary_graph, build_turn_graph
-from graph.context import ImageInput, Services, SummaryContext, TurnContext
+from graph.context import Services, SummaryContext, TurnContext
+from graph.events import (
+    AUTO,
+    AUTO_ROLE,
+    Answer,
+    BudgetWarning,
+    Delta,
+    Duplicate,
+    Failure,
+    ImageInput,
+    MemoryView,
+    Refusal,
+    ReminderView,
+    Resumed,
+    Routed,
+    SessionEnd,
+    SessionStarted,
+    SessionView,
+    TurnEvent,
+    Usage,
+    UserView,
+)
 from graph.model import ModelFault
 from graph.nodes import ModelStarted, allowance, normalise_summary, store_units
 from graph.roles import Role
-from graph.routing import AUTO, route
+from graph.routing import route
 from graph.tokens import count_tokens
 from graph.tracing import RunTrace, TraceLog
 from memory.base import EVERY_CHAT, Kind, MemoryItem, MemoryQuery, MemoryScope, chat_scope, memory_id
 from memory.units import FinishedSession, session_units
 from storage.core import HistoryEntry, OverBudget, Reserved, next_reset, utc_day
 from storage.data_rights import DeletionReceipt, delete_user, export_user
-from storage.models import ChatSession, MemoryRecord, Message, Reminder, User, utcnow
+from storage.models import ChatSession, Message, Reminder, User, utcnow
 from storage.repositories import Budget, Memories, Messages, Reminders, Sessions, Users
 from storage.turns import NewQuestion, StoredQuestion, store_question
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SessionStarted:
-    session_id: int
-    automatic: bool
-    role: Role
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str  # the newly generated piece, not the whole answer so far
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    complete: bool  # False: the stream was cut and this is what arrived
-    charged: int
-    question_id: int = 0  # the message answered: what the answer used is found by it
-    memories_used: int = 0  # remembered units its prompt drew on (shown under the answer)
-    stopped: bool = False  # the user stopped it: what came is kept, marked partial
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Today's use of the daily allowance, and when it resets in the user's time zone."""
-
-    used: int  # charged, and held for answers being made right now
-    limit: int
-    resets_at: dt.datetime  # in `timezone`
-    timezone: str  # the user's, or UTC
-
-    @property
-    def left(self) -> int:
-        return max(0, self.limit - self.used)
-
-    @property
-    def percent(self) -> int:
-        return 100 if self.limit <= 0 else min(100, round(100 * self.used / self.limit))
-
-
-@dataclass(frozen=True)
-class BudgetWarning:
-    """Most of the day's allowance is used (WARN_AT): said once a day, in the private chat."""
-
-    usage: Usage
-
-
 WARN_AT = 0.8
-
-
-@dataclass(frozen=True)
-class Refusal:
-    used: int
-    limit: int
-    resets_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class Failure:
-    kind: Literal["busy", "unavailable", "timeout", "quota", "auth", "error", "deleted", "stopped"]
-
-
-@dataclass(frozen=True)
-class Duplicate:
-    """The update was taken in before: nothing is answered or charged again."""
-
-
-@dataclass(frozen=True)
-class Routed:
-    """Auto chose the role that answers this session (shown to the user with the answer)."""
-
-    role: Role
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """A message a crash left unanswered is being answered now."""
-
-
-TurnEvent = (
-    SessionStarted | Routed | Resumed | Delta | Answer | Refusal | Failure | Duplicate | BudgetWarning
-)
-
-
-@dataclass(frozen=True)
-class SessionEnd:
-    session_id: int
-    outcome: str  # summarised | empty | failed | already_closed
-    title: str | None
-    summary: str | None
-
-
-@dataclass(frozen=True)
-class UserView:
-    """What front ends show of a user (a copy: never a live database row)."""
-
-    id: int
-    role: str | None
-    instructions: str | None
-    language: str | None
-    private_data_in_groups: bool
-    timezone: str | None
-    memory_per_role: bool = False
-
-    @classmethod
-    def of(cls, user: User) -> UserView:
-        return cls(user.id, user.role, user.instructions, user.language, user.private_data_in_groups,
-                   user.timezone, user.memory_per_role)
-
-
-@dataclass(frozen=True)
-class SessionView:
-    """What front ends show of a session (a copy: never a live database row)."""
-
-    id: int
-    role: str
-    title: str | None
-    summary: str | None
-    status: str  # open | closed | summary_due
-    started_at: dt.datetime
-    incognito: bool = False
-    chat_id: int = 0
-
-    @classmethod
-    def of(cls, session: ChatSession) -> SessionView:
-        return cls(session.id, session.role, session.title, session.summary, session.status,
-                   session.started_at, session.incognito, session.chat_id)
-
-
-@dataclass(frozen=True)
-class MemoryView:
-    """One remembered unit as /memory shows it (a copy: never a live database row)."""
-
-    session_id: int | None
-    kind: str  # summary | fact | exchange
-    seq: int
-    text: str
-    title: str | None
-    role: str | None
-    started_at: dt.datetime | None
-
-    @classmethod
-    def of(cls, record: MemoryRecord) -> MemoryView:
-        return cls(record.session_id, record.kind, record.seq, record.text, record.title,
-                   record.role, record.started_at)
-
 
 # What /memory lists: the notes about the user. Exchanges are the conversation itself, kept
 # for recall and forgotten with their session.
@@ -188,33 +62,6 @@ LISTED_KINDS = ("summary", "fact")
 # How speech is priced against the daily allowance: 10 tokens a second, 600 a minute (about
 # what a minute of gpt-4o-mini-transcribe costs, in gpt-4o-mini input tokens, rounded up).
 AUDIO_TOKENS_PER_SECOND = 10
-
-
-@dataclass(frozen=True)
-class ReminderView:
-    """A reminder as front ends show and send it (a copy: never a live database row)."""
-
-    id: int
-    user_id: int
-    chat_id: int
-    text: str
-    due_at: dt.datetime
-    timezone: str | None  # the user's, to show the time as they read it
-    language: str | None
-
-    def local_due(self) -> str:
-        zone = ZoneInfo(self.timezone) if self.timezone else dt.UTC
-        return f"{self.due_at.astimezone(zone):%Y-%m-%d %H:%M}" + ("" if self.timezone else " UTC")
-
-
-# "Auto" as the menus show it; never given to the graph (a session is routed to a real role).
-AUTO_ROLE = Role(
-    id=AUTO, title={"en": "Auto", "ru": "Авто"},
-    description={"en": "The best-suited role answers each new session.",
-                 "ru": "Каждую новую сессию ведёт самая подходящая роль."},
-    button={"en": "🧭 Auto", "ru": "🧭 Авто"}, model=None, temperature=0.0, max_output_tokens=1,
-    system_prompt="", path=Path(),
-)
 
 
 # A claimed reminder whose process died before sending it is taken again after this long.

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from graph.events import ImageInput
 from graph.model import ModelGateway
 from graph.roles import Role, RoleRegistry
 from graph.tools import ToolBox
@@ -37,31 +36,6 @@ class Services:
 def _nowhere(_: Any) -> None:
     return None
 
-
-@dataclass(frozen=True)
-class ImageInput:
-    """A picture the user sent with the question (never stored: only its caption is)."""
-
-    data: bytes
-    mime: str
-    width: int
-    height: int
-
-    @property
-    def tokens(self) -> int:
-        """What the provider bills for it in high detail (OpenAI's rule): fit in 2048 px, the
-        short side to 768 px, then 170 tokens per 512 px tile plus 85. An upper bound for
-        "auto" detail, so the reservation covers it."""
-        width, height = float(max(self.width, 1)), float(max(self.height, 1))
-        scale = min(1.0, 2048 / max(width, height))
-        width, height = width * scale, height * scale
-        scale = min(1.0, 768 / min(width, height))
-        width, height = width * scale, height * scale
-        return 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)
-
-    def part(self) -> dict[str, Any]:
-        url = f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
-        return {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from graph.roles import Role
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"  # the user's role choice "Auto"; a session waiting for its first message has it too
 ROUTER_MAX_TOKENS = 8
 ROUTER_TEXT_CHARS = 2000  # the start of the message is enough to tell a topic
 ROUTER_PROMPT = (

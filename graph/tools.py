@@ -175,6 +175,9 @@ class McpServers:
     """
 
     RETRY_EVERY = 60.0
+    # Listing a server's tools may start it (a stdio server is a process with its own imports:
+    # seconds on a busy machine), so it gets its own bound; the tool timeout bounds each call.
+    LIST_TIMEOUT = 15.0
 
     def __init__(self, connections: dict[str, dict[str, Any]], timeout: float) -> None:
         self.names = frozenset(connections)
@@ -196,7 +199,9 @@ class McpServers:
         if time.monotonic() - self._failed_at.get(server, -math.inf) < self.RETRY_EVERY:
             return []
         try:
-            tools = await asyncio.wait_for(self._client.get_tools(server_name=server), self.timeout)
+            tools = await asyncio.wait_for(
+                self._client.get_tools(server_name=server), max(self.timeout, self.LIST_TIMEOUT)
+            )
         except Exception as exc:
             self._failed_at[server] = time.monotonic()
             log.warning("MCP server %s unavailable: %s", server, type(exc).__name__)
@@ -271,8 +276,11 @@ async def run_tool(
     except ValueError:
         return ToolOutcome(name, call_id, "error: the arguments were not a JSON object", False)
     timeout = float((tool.metadata or {}).get("timeout", timeout))
+    deadline = asyncio.timeout(timeout)
+    too_slow = ToolOutcome(name, call_id, f"error: the tool did not answer in {timeout:g} s", False)
     try:
-        result = await asyncio.wait_for(tool.ainvoke(args), timeout)
+        async with deadline:
+            result = await tool.ainvoke(args)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
@@ -282,8 +290,10 @@ async def run_tool(
     except ToolRefused as exc:
         return ToolOutcome(name, call_id, f"error: {exc}", False)
     except TimeoutError:
-        return ToolOutcome(name, call_id, f"error: the tool did not answer in {timeout:g} s", False)
+        return too_slow
     except Exception as exc:
+        if deadline.expired():  # cut at the deadline while it was starting: the MCP SDK's task
+            return too_slow  # group raises that as an ExceptionGroup, not as a cancellation
         log.warning("tool %s failed: %s", name, type(exc).__name__)
         failed = "error: the tool failed; tell the user it is not available now"
         return ToolOutcome(name, call_id, failed, False)

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import signal
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from aiogram import Bot, Dispatcher, Router
 from aiogram.client.default import DefaultBotProperties
@@ -18,7 +18,6 @@ from aiogram.fsm.storage.memory import MemoryStorage
 from aiogram.fsm.storage.redis import RedisStorage
 from redis.asyncio import Redis
 
-from graph.agent import Agent
 from handlers import (
     chat,
     commands,
@@ -39,6 +38,9 @@ from handlers.middlewares import UpdateMiddleware
 from handlers.stopping import Stoppable
 from handlers.streaming import ChatPacer
 from settings import Settings
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 log = logging.getLogger(__name__)
 

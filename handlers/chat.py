@@ -6,24 +6,24 @@ import logging
 import re
 import time
 import unicodedata
+from typing import TYPE_CHECKING
 
 from aiogram import Bot, Router
 from aiogram.types import CallbackQuery, Message, Update
 from aiogram.utils.chat_action import ChatActionSender
 
-from graph.agent import (
-    Agent,
+from graph.events import (
     Answer,
     BudgetWarning,
     Delta,
     Duplicate,
     Failure,
+    ImageInput,
     Refusal,
     Resumed,
     Routed,
     SessionStarted,
 )
-from graph.context import ImageInput
 from handlers.delivery import UNDELIVERED
 from handlers.filters import HasText
 from handlers.i18n import Catalog
@@ -32,6 +32,9 @@ from handlers.stopping import Stoppable, stop_keyboard
 from handlers.streaming import AnswerStream, ChatPacer
 from handlers.usage import usage_text
 from storage.crypto import DecryptionError
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 log = logging.getLogger(__name__)
 

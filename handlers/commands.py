@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiogram import Bot, Router
 from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, BotCommandScopeAllPrivateChats, BotCommandScopeDefault, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent
 from handlers.filters import HasText, InGroup
 from handlers.i18n import Catalog
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 MENU = (
     "start_session", "end_session", "list_sessions", "memory", "find", "reminders", "usage",

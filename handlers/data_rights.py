@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from aiogram import Router
 from aiogram.filters import Command
@@ -16,11 +17,13 @@ from aiogram.fsm.storage.redis import RedisStorage
 from aiogram.types import BufferedInputFile, CallbackQuery, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.fleet import SharedPacer
 from handlers.i18n import Catalog
 from handlers.streaming import ChatPacer
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 log = logging.getLogger(__name__)
 

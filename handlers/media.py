@@ -14,19 +14,22 @@ from __future__ import annotations
 import html
 import io
 import logging
+from typing import TYPE_CHECKING
 
 from aiogram import Bot, F, Router
 from aiogram.exceptions import TelegramBadRequest
 from aiogram.types import Message, ReplyParameters, Update
 from aiogram.utils.chat_action import ChatActionSender
 
-from graph.agent import Agent, Failure, Refusal
-from graph.context import ImageInput
+from graph.events import Failure, ImageInput, Refusal
 from handlers.chat import FAILURE_TEXTS, addressed_text, respond
 from handlers.i18n import Catalog
 from handlers.stopping import Stoppable
 from handlers.streaming import ChatPacer
 from media.documents import Unreadable, read
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ the review of a summary when a session ends (keep, edit, don't remember)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from aiogram import F, Router
 from aiogram.filters import Command, CommandObject, StateFilter
@@ -14,10 +14,13 @@ from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent, MemoryView
+from graph.events import MemoryView
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
 from handlers.sessions import MAX_ID, MAX_PAGE, SessionOpen, SummaryReview, summary_line
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 PAGE_SIZE = 5
 MAX_SEQ = 1_000

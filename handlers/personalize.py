@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from zoneinfo import available_timezones
 
 from aiogram import F, Router
@@ -12,9 +13,12 @@ from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import AUTO_ROLE, Agent, UserView
+from graph.events import AUTO_ROLE, UserView
 from handlers.filters import HasText, InOwnersPrivateChat
 from handlers.i18n import Catalog
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 MAX_INSTRUCTIONS = 2000
 

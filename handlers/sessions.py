@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
@@ -10,9 +11,12 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from graph.agent import Agent, SessionEnd, SessionView
+from graph.events import SessionEnd, SessionView
 from handlers.filters import HasText, InOwnersPrivateChat, is_private
 from handlers.i18n import Catalog
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 PAGE_SIZE = 5
 MAX_TITLE = 120

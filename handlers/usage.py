@@ -3,13 +3,18 @@ everyone's use today and a user's own limit: `/usage all`, `/usage limit USER_ID
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
-from graph.agent import Agent, Usage
+from graph.events import Usage
 from handlers.filters import HasText
 from handlers.i18n import Catalog
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 MAX_LIMIT = 10**9
 MOST_LISTED = 50

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 from aiogram import Bot, Dispatcher
@@ -17,9 +17,11 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from graph.agent import Agent
 from handlers.delivery import Delivery
 from storage.repositories import ping
+
+if TYPE_CHECKING:
+    from graph.agent import Agent
 
 log = logging.getLogger(__name__)
 

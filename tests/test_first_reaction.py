@@ -95,14 +95,13 @@ async def test_no_thinking_draft_arrives_after_a_quick_answer(h: Harness) -> Non
 async def test_a_long_wait_renews_typing_after_thinking(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A tool or a consulted role can keep the model silent for long: "typing…" is renewed
-    (every 4 s; 0.5 s here), a quick answer gets no chat action at all."""
+    """A tool or a consulted role can keep the model silent for long: after "Thinking…",
+    "typing…" is renewed while the wait goes on (every 4 s; 0.5 s here)."""
     monkeypatch.setattr(handlers.chat, "TYPING_EVERY", 0.5)
-    h.ai.reply = "quick"
-    update = h.tg.send_text(ALICE, "hello")
-    await h.reply_to(update, lambda m: m.text == "quick")
     h.ai.reply, h.ai.first_token_delay = "slow", 1.2
+    start = len(h.tg.calls)
     update = h.tg.send_text(BOB, "hello")
     await h.reply_to(update, lambda m: m.text == "slow")
-    typing = [c for c in h.tg.calls_of("sendChatAction") if c.params.get("action") == "typing"]
-    assert typing and {int(c.params["chat_id"]) for c in typing} == {BOB}
+    calls = to_chat(h, BOB, start)
+    assert calls[0].method == "sendMessageDraft"  # "Thinking…" first
+    assert [c for c in calls if c.method == "sendChatAction" and c.params.get("action") == "typing"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graph.tools import McpServers, run_tool
 from tests.fakes.openai import FakeOpenAI, ToolCall, ToolCalls
 
 SERVER = Path(__file__).parent / "mcp" / "calc_server.py"
@@ -68,3 +69,11 @@ async def test_a_hanging_mcp_tool_costs_the_user_the_timeout_and_no_more(
         asked = h.tg.send_text(92, "run the slow one")
         answer = await h.reply_to(asked, lambda m: "Tool said" in (m.text or ""), timeout=60)
     assert "did not answer in 1 s" in (answer.text or "")
+
+
+async def test_an_mcp_tool_cut_off_while_its_server_starts_is_reported_as_too_slow() -> None:
+    mcp = McpServers(json.loads(servers()), timeout=1.0)
+    tools = await mcp.tools("calc")
+    # 50 ms ends the call while the SDK is still starting the server's process for it.
+    outcome = await run_tool(tools, "calc_slow", "call-1", "{}", timeout=0.05)
+    assert not outcome.ok and outcome.result == "error: the tool did not answer in 0.05 s"
