@@ -17,6 +17,17 @@ class HasText(Filter):
         return bool(message.text)
 
 
+class Carries(Filter):
+    """A message carrying any of these parts, e.g. Carries("voice", "audio") for F.voice | F.audio,
+    as a coroutine for the same reason as HasText: the media router sees every text message."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    async def __call__(self, message: Message) -> bool:
+        return any(getattr(message, part) for part in self.parts)
+
+
 def is_private(message: Message) -> bool:
     return message.chat.type == "private"
 
@@ -34,6 +45,14 @@ class InOwnersPrivateChat(Filter):
             message is not None and message.chat.type == "private"
             and message.chat.id == query.from_user.id
         )
+
+
+class PrivateReply(Filter):
+    """Text typed in a private chat that is not a command: the answer to a question the bot
+    asked there (with a StateFilter before it)."""
+
+    async def __call__(self, message: Message) -> bool:
+        return is_private(message) and not (message.text or "").startswith("/")
 
 
 class InGroup(Filter):

@@ -16,13 +16,14 @@ import io
 import logging
 from typing import TYPE_CHECKING
 
-from aiogram import Bot, F, Router
+from aiogram import Bot, Router
 from aiogram.exceptions import TelegramBadRequest
 from aiogram.types import Message, ReplyParameters, Update
 from aiogram.utils.chat_action import ChatActionSender
 
 from graph.events import Failure, ImageInput, Refusal
 from handlers.chat import FAILURE_TEXTS, addressed_text, respond
+from handlers.filters import Carries
 from handlers.i18n import Catalog
 from handlers.stopping import Stoppable
 from handlers.streaming import ChatPacer
@@ -212,7 +213,7 @@ async def document(
 def build_router() -> Router:
     """A fresh router each time: a router can belong to only one dispatcher."""
     router = Router(name=__name__)
-    router.message(F.voice | F.audio | F.video_note)(speech)
-    router.message(F.photo)(photo)
-    router.message(F.document)(document)
+    router.message(Carries("voice", "audio", "video_note"))(speech)
+    router.message(Carries("photo"))(photo)
+    router.message(Carries("document"))(document)
     return router

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Literal
 
-from aiogram import F, Router
+from aiogram import Router
 from aiogram.filters import Command, CommandObject, StateFilter
 from aiogram.filters.callback_data import CallbackData
 from aiogram.fsm.context import FSMContext
@@ -15,7 +15,7 @@ from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.events import MemoryView
-from handlers.filters import HasText, InOwnersPrivateChat
+from handlers.filters import HasText, InOwnersPrivateChat, PrivateReply
 from handlers.i18n import Catalog
 from handlers.sessions import MAX_ID, MAX_PAGE, SessionOpen, SummaryReview, summary_line
 
@@ -337,16 +337,11 @@ def build_router() -> Router:
     router.callback_query.filter(InOwnersPrivateChat())
     router.message(Command("memory"))(show_memory)
     router.message(Command("find"))(find)
-    router.message(
-        StateFilter(Reviewing.waiting_for_summary), F.chat.type == "private", ~F.text.startswith("/"),
-    )(edited_summary)
+    router.message(StateFilter(Reviewing.waiting_for_summary), PrivateReply())(edited_summary)
     router.callback_query(MemoryPage.filter())(turn_memory_page)
     router.callback_query(MemoryForget.filter())(forget)
     router.callback_query(SummaryReview.filter())(review)
     router.callback_query(MemoryUsed.filter())(show_used)
     router.callback_query(UsedForget.filter())(forget_used)
-    router.message(
-        StateFilter(Reviewing.waiting_for_correction), F.chat.type == "private",
-        ~F.text.startswith("/"),
-    )(correction)
+    router.message(StateFilter(Reviewing.waiting_for_correction), PrivateReply())(correction)
     return router

@@ -14,7 +14,7 @@ from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from graph.events import AUTO_ROLE, UserView
-from handlers.filters import HasText, InOwnersPrivateChat
+from handlers.filters import HasText, InOwnersPrivateChat, PrivateReply
 from handlers.i18n import Catalog
 
 if TYPE_CHECKING:
@@ -280,12 +280,6 @@ def build_router() -> Router:
     router.callback_query(TimezoneAction.filter(F.action == "cancel"))(cancel_timezone)
     # Only where the question was asked: a state left in a group from an older version must
     # not turn someone's group message into their instructions.
-    router.message(
-        StateFilter(Personalize.waiting_for_instructions), F.chat.type == "private",
-        ~F.text.startswith("/"),
-    )(save_instructions)
-    router.message(
-        StateFilter(Personalize.waiting_for_timezone), F.chat.type == "private",
-        ~F.text.startswith("/"),
-    )(save_timezone)
+    router.message(StateFilter(Personalize.waiting_for_instructions), PrivateReply())(save_instructions)
+    router.message(StateFilter(Personalize.waiting_for_timezone), PrivateReply())(save_timezone)
     return router
