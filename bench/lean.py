@@ -167,6 +167,7 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3, help="start-ups of each kind")
     args = parser.parse_args(argv)
     began = time.monotonic()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # a fresh checkout has none (bench compare)
     print("first reaction ...", flush=True)
     data: dict[str, Any] = {"reaction": await reactions(args.messages)}
     print("start-up ...", flush=True)
