@@ -156,9 +156,11 @@ class Agent:
         self._incognito: dict[int, list[HistoryEntry]] = {}
 
     async def aclose(self) -> None:
-        """At shutdown: the last traces are written, the provider's connections closed."""
+        """At shutdown: the last traces are written, the provider's connections and the MCP
+        servers closed."""
         await self.traces.aclose()
         await self.services.models.aclose()
+        await self.services.tools.aclose()
 
     # --- users and roles ---------------------------------------------------------------
 

@@ -167,17 +167,23 @@ def tools_for(names: tuple[str, ...], scope: ToolScope) -> list[BaseTool]:
 class McpServers:
     """The tools of the operator's MCP servers (MCP_SERVERS), through langchain-mcp-adapters.
 
-    A server's tool list is fetched on first use and kept; a server that cannot be reached only
-    takes its own tools away (the bot answers without them) and is asked again at most every
-    RETRY_EVERY seconds. Tool names carry the server's name (`calc_add`), so two servers, or a
-    server and a built-in tool, never collide. MCP tools get no user id: they act on what the
-    model passes them, within the tool timeout, like every tool call.
+    Each server is started on first use and kept: one MCP session per server for the bot's life,
+    which every call shares (a stdio server is a process: started per call, as the adapters do
+    without a session, it cost ~0.4 s a call for a small Python server). A session is held by a
+    task of its own, because the SDK's task groups must be entered and left in one task; it
+    pings the server every PING_EVERY seconds, and when the server is gone (exited, connection
+    dropped) its tools go with it and the next turn that names it starts it again. A server that
+    cannot be reached only takes its own tools away (the bot answers without them) and is tried
+    again at most every RETRY_EVERY seconds. Tool names carry the server's name (`calc_add`), so
+    two servers, or a server and a built-in tool, never collide. MCP tools get no user id: they
+    act on what the model passes them, within the tool timeout, like every tool call.
     """
 
     RETRY_EVERY = 60.0
-    # Listing a server's tools may start it (a stdio server is a process with its own imports:
-    # seconds on a busy machine), so it gets its own bound; the tool timeout bounds each call.
+    # Starting a server and listing its tools (a stdio server is a process with its own imports:
+    # seconds on a busy machine) gets its own bound; the tool timeout bounds each call.
     LIST_TIMEOUT = 15.0
+    PING_EVERY = 30.0
 
     def __init__(self, connections: dict[str, dict[str, Any]], timeout: float) -> None:
         self.names = frozenset(connections)
@@ -186,34 +192,72 @@ class McpServers:
         # MCP_SERVERS should not carry.
         from langchain_mcp_adapters.client import MultiServerMCPClient
 
-        self._client = MultiServerMCPClient(
-            cast("dict[str, Connection]", connections), tool_name_prefix=True
-        )
+        self._client = MultiServerMCPClient(cast("dict[str, Connection]", connections))
         self._tools: dict[str, list[BaseTool]] = {}
         self._schemas: dict[str, tuple[dict[str, Any], ...]] = {}
         self._failed_at: dict[str, float] = {}
+        self._held: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+        self._closing = asyncio.Event()
 
     async def tools(self, server: str) -> list[BaseTool]:
         if server in self._tools or server not in self.names:
             return self._tools.get(server, [])
-        if time.monotonic() - self._failed_at.get(server, -math.inf) < self.RETRY_EVERY:
-            return []
-        try:
-            tools = await asyncio.wait_for(
-                self._client.get_tools(server_name=server), max(self.timeout, self.LIST_TIMEOUT)
-            )
-        except Exception as exc:
-            self._failed_at[server] = time.monotonic()
-            log.warning("MCP server %s unavailable: %s", server, type(exc).__name__)
-            return []
-        self._tools[server] = tools
-        self._schemas[server] = tuple(convert_to_openai_tool(tool) for tool in tools)
+        async with self._starting.setdefault(server, asyncio.Lock()):  # one start for many turns
+            if server in self._tools:
+                return self._tools[server]
+            if time.monotonic() - self._failed_at.get(server, -math.inf) < self.RETRY_EVERY:
+                return []
+            ready: asyncio.Future[list[BaseTool]] = asyncio.get_running_loop().create_future()
+            held = asyncio.create_task(self._hold(server, ready), name=f"mcp {server}")
+            try:
+                tools = await asyncio.wait_for(asyncio.shield(ready), self.LIST_TIMEOUT)
+            except Exception as exc:
+                held.cancel()
+                self._failed_at[server] = time.monotonic()
+                log.warning("MCP server %s unavailable: %s", server, type(exc).__name__)
+                return []
+            self._held[server] = held
+            self._tools[server] = tools
+            self._schemas[server] = tuple(convert_to_openai_tool(tool) for tool in tools)
         log.info("MCP server %s: %d tool(s)", server, len(tools))
         return tools
 
     async def schemas(self, server: str) -> tuple[dict[str, Any], ...]:
         await self.tools(server)
         return self._schemas.get(server, ())
+
+    async def _hold(self, server: str, ready: asyncio.Future[list[BaseTool]]) -> None:
+        """Start `server`, hand its tools to `ready`, keep the session until shutdown or until
+        the server stops answering pings."""
+        from langchain_mcp_adapters.tools import load_mcp_tools
+
+        try:
+            async with self._client.session(server) as session:
+                ready.set_result(
+                    await load_mcp_tools(session, server_name=server, tool_name_prefix=True)
+                )
+                while not self._closing.is_set():
+                    try:
+                        await asyncio.wait_for(self._closing.wait(), self.PING_EVERY)
+                    except TimeoutError:
+                        await asyncio.wait_for(session.send_ping(), self.LIST_TIMEOUT)
+        except Exception as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            elif not self._closing.is_set():
+                log.warning("MCP server %s stopped answering: %s", server, type(exc).__name__)
+        finally:
+            # Its tools go: the next turn that names the server starts it again.
+            self._tools.pop(server, None)
+            self._schemas.pop(server, None)
+            self._held.pop(server, None)
+
+    async def aclose(self) -> None:
+        """At shutdown: every session closed, every stdio server's process ended."""
+        self._closing.set()
+        if self._held:
+            await asyncio.wait(list(self._held.values()), timeout=self.LIST_TIMEOUT)
 
 
 class ToolBox:
@@ -225,6 +269,10 @@ class ToolBox:
     @classmethod
     def from_settings(cls, connections: dict[str, dict[str, Any]], timeout: float) -> ToolBox:
         return cls(McpServers(connections, timeout) if connections else None)
+
+    async def aclose(self) -> None:
+        if self.mcp is not None:
+            await self.mcp.aclose()
 
     async def schemas(self, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
         offered = list(schemas_for(tuple(n for n in names if n in TOOL_SETS)))
@@ -292,8 +340,8 @@ async def run_tool(
     except TimeoutError:
         return too_slow
     except Exception as exc:
-        if deadline.expired():  # cut at the deadline while it was starting: the MCP SDK's task
-            return too_slow  # group raises that as an ExceptionGroup, not as a cancellation
+        if deadline.expired():  # cut at the deadline, a tool may raise its own error instead of
+            return too_slow  # the cancellation (the MCP SDK's task groups: an ExceptionGroup)
         log.warning("tool %s failed: %s", name, type(exc).__name__)
         failed = "error: the tool failed; tell the user it is not available now"
         return ToolOutcome(name, call_id, failed, False)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from graph.tools import McpServers, run_tool
 from tests.fakes.openai import FakeOpenAI, ToolCall, ToolCalls
@@ -71,9 +78,35 @@ async def test_a_hanging_mcp_tool_costs_the_user_the_timeout_and_no_more(
     assert "did not answer in 1 s" in (answer.text or "")
 
 
-async def test_an_mcp_tool_cut_off_while_its_server_starts_is_reported_as_too_slow() -> None:
+async def test_a_server_is_started_once_and_again_after_it_died_and_ends_at_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(McpServers, "PING_EVERY", 0.2)
+    mcp = McpServers(json.loads(servers()), timeout=5.0)
+
+    async def server_pid() -> int | None:
+        outcome = await run_tool(await mcp.tools("calc"), "calc_pid", "call", "{}", timeout=5.0)
+        return int(re.findall(r"'text': '(\d+)'", outcome.result)[0]) if outcome.ok else None
+
+    try:
+        first = await server_pid()
+        assert first is not None and await server_pid() == first  # one process answers every call
+        os.kill(first, signal.SIGKILL)
+        # Calls fail until a ping finds the server gone; then the next turn starts a new one.
+        deadline = time.monotonic() + 20
+        while (again := await server_pid()) in (None, first):
+            assert time.monotonic() < deadline, "the dead server was not started again"
+            await asyncio.sleep(0.1)
+    finally:
+        await mcp.aclose()
+    with pytest.raises(ProcessLookupError):  # ended and reaped, not left running
+        os.kill(again, 0)
+
+
+async def test_an_mcp_tool_cut_off_at_its_deadline_is_reported_as_too_slow() -> None:
     mcp = McpServers(json.loads(servers()), timeout=1.0)
-    tools = await mcp.tools("calc")
-    # 50 ms ends the call while the SDK is still starting the server's process for it.
-    outcome = await run_tool(tools, "calc_slow", "call-1", "{}", timeout=0.05)
+    try:
+        outcome = await run_tool(await mcp.tools("calc"), "calc_slow", "call", "{}", timeout=0.05)
+    finally:
+        await mcp.aclose()
     assert not outcome.ok and outcome.result == "error: the tool did not answer in 0.05 s"

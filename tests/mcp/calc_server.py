@@ -1,8 +1,9 @@
-"""A real MCP server (the `mcp` SDK's FastMCP over stdio) for the tests: a sum and a tool that hangs."""
+"""A real MCP server (the `mcp` SDK's FastMCP over stdio) for the tests: a sum, its pid, a hang."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from mcp.server.fastmcp import FastMCP
 
@@ -13,6 +14,12 @@ server = FastMCP("calc")
 def add(a: int, b: int) -> int:
     """The sum of two whole numbers."""
     return a + b
+
+
+@server.tool()
+def pid() -> int:
+    """This server's process id (the tests tell a kept server from a new one)."""
+    return os.getpid()
 
 
 @server.tool()
