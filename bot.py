@@ -112,7 +112,7 @@ async def composed(settings: Settings) -> AsyncIterator[Agent]:
         services = Services(
             settings=settings, sessions=sessions, roles=roles, memory=memory, models=models,
             embedder=embedder,
-            tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
+            tools=ToolBox.from_settings(settings.mcp_connections()),
         )
         try:
             agent = Agent(services)

@@ -185,9 +185,8 @@ class McpServers:
     LIST_TIMEOUT = 15.0
     PING_EVERY = 30.0
 
-    def __init__(self, connections: dict[str, dict[str, Any]], timeout: float) -> None:
+    def __init__(self, connections: dict[str, dict[str, Any]]) -> None:
         self.names = frozenset(connections)
-        self.timeout = timeout
         # Imported here: the MCP SDK and its web stack weigh megabytes a bot without
         # MCP_SERVERS should not carry.
         from langchain_mcp_adapters.client import MultiServerMCPClient
@@ -267,8 +266,8 @@ class ToolBox:
         self.mcp = mcp
 
     @classmethod
-    def from_settings(cls, connections: dict[str, dict[str, Any]], timeout: float) -> ToolBox:
-        return cls(McpServers(connections, timeout) if connections else None)
+    def from_settings(cls, connections: dict[str, dict[str, Any]]) -> ToolBox:
+        return cls(McpServers(connections) if connections else None)
 
     async def aclose(self) -> None:
         if self.mcp is not None:

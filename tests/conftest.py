@@ -189,7 +189,7 @@ def make_agent(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -
         settings=settings, sessions=sessions,
         roles=RoleRegistry(settings.prompts_dir, check_interval=0),
         memory=LocalMemory(sessions, embedder.space), models=models, embedder=embedder,
-        tools=ToolBox.from_settings(settings.mcp_connections(), settings.tool_timeout),
+        tools=ToolBox.from_settings(settings.mcp_connections()),
     )
     return Agent(services)
 

@@ -82,7 +82,7 @@ async def test_a_server_is_started_once_and_again_after_it_died_and_ends_at_shut
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(McpServers, "PING_EVERY", 0.2)
-    mcp = McpServers(json.loads(servers()), timeout=5.0)
+    mcp = McpServers(json.loads(servers()))
 
     async def server_pid() -> int | None:
         outcome = await run_tool(await mcp.tools("calc"), "calc_pid", "call", "{}", timeout=5.0)
@@ -104,7 +104,7 @@ async def test_a_server_is_started_once_and_again_after_it_died_and_ends_at_shut
 
 
 async def test_an_mcp_tool_cut_off_at_its_deadline_is_reported_as_too_slow() -> None:
-    mcp = McpServers(json.loads(servers()), timeout=1.0)
+    mcp = McpServers(json.loads(servers()))
     try:
         outcome = await run_tool(await mcp.tools("calc"), "calc_slow", "call", "{}", timeout=0.05)
     finally:
