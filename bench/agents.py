@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import statistics
 import sys
 import time
@@ -20,6 +22,8 @@ What is measured
   tool       the Personal assistant calls list_reminders once, then answers (two calls)
   auto       a user on Auto: the session's first message is routed, then answered (two calls)
   consult    the Product manager asks the Coder, then answers (three calls)
+  mcp        a role with an MCP server's tools (tests/mcp/calc_server.py, a real stdio server
+             of the `mcp` SDK) calls calc_add once, then answers (two calls)
   Per message: wall time (p50, includes the fake model's own work in this process), model
   calls, and the tokens charged to the user's daily allowance. A real model call takes seconds:
   the extra calls, not the bot's milliseconds, are what a user waits for.
@@ -39,6 +43,8 @@ def scripted(body: dict[str, Any]) -> Any:
         return "Done, with what the tool said."
     if "tools" in body and "[tool]" in str(last.get("content")):
         return ToolCalls((ToolCall("list_reminders", {}),))
+    if "tools" in body and "[mcp]" in str(last.get("content")):
+        return ToolCalls((ToolCall("calc_add", {"a": 2, "b": 3}),))
     if "tools" in body and "[consult]" in str(last.get("content")):
         return ToolCalls((ToolCall("ask_coder", {"question": "How long would it take?"}),))
     return "A plain answer of a few words."
@@ -49,7 +55,15 @@ SCENARIOS = (
     ("tool", "personal_assistant", "[tool] what reminders do I have?"),
     ("auto", "auto", "[plain] how do I sort a list?"),
     ("consult", "product_manager", "[consult] should we build it?"),
+    ("mcp", "calculator", "[mcp] what is 2 + 3?"),
 )
+CALCULATOR = """---
+title: Calculator
+tools: [mcp:calc]
+---
+You add numbers with the calc tools.
+"""
+CALC_SERVER = Path(__file__).resolve().parent.parent / "tests" / "mcp" / "calc_server.py"
 
 
 async def run(messages: int) -> list[dict[str, Any]]:
@@ -67,7 +81,12 @@ async def run(messages: int) -> list[dict[str, Any]]:
         engine = create_engine(url)
         await migrate(engine)
         sessions: async_sessionmaker[AsyncSession] = session_maker(engine)
-        agent = make_agent(make_settings(work, ai.base_url, url, Path(PROJECT_PROMPTS)), sessions)
+        prompts = work / "prompts"
+        shutil.copytree(PROJECT_PROMPTS, prompts)
+        (prompts / "calculator.md").write_text(CALCULATOR, encoding="utf-8")
+        calc = {"calc": {"transport": "stdio", "command": sys.executable, "args": [str(CALC_SERVER)]}}
+        settings = make_settings(work, ai.base_url, url, prompts, mcp_servers=json.dumps(calc))
+        agent = make_agent(settings, sessions)
         try:
             for offset, (name, role, text) in enumerate(SCENARIOS):
                 walls, calls, tokens = [], [], []
