@@ -323,11 +323,8 @@ async def run_tool(
     except ValueError:
         return ToolOutcome(name, call_id, "error: the arguments were not a JSON object", False)
     timeout = float((tool.metadata or {}).get("timeout", timeout))
-    deadline = asyncio.timeout(timeout)
-    too_slow = ToolOutcome(name, call_id, f"error: the tool did not answer in {timeout:g} s", False)
     try:
-        async with deadline:
-            result = await tool.ainvoke(args)
+        result = await asyncio.wait_for(tool.ainvoke(args), timeout)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
@@ -337,10 +334,8 @@ async def run_tool(
     except ToolRefused as exc:
         return ToolOutcome(name, call_id, f"error: {exc}", False)
     except TimeoutError:
-        return too_slow
+        return ToolOutcome(name, call_id, f"error: the tool did not answer in {timeout:g} s", False)
     except Exception as exc:
-        if deadline.expired():  # cut at the deadline, a tool may raise its own error instead of
-            return too_slow  # the cancellation (the MCP SDK's task groups: an ExceptionGroup)
         log.warning("tool %s failed: %s", name, type(exc).__name__)
         failed = "error: the tool failed; tell the user it is not available now"
         return ToolOutcome(name, call_id, failed, False)
