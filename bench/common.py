@@ -454,8 +454,9 @@ MEMORY_TEXT = (
 
 
 async def seed_memories(url: str, users: Iterable[int], per_user: int, dims: int,
-                        seed: int = 7) -> None:
-    """Give each user `per_user` stored memories with random unit vectors of `dims`.
+                        seed: int = 7, space: str | None = None) -> None:
+    """Give each user `per_user` stored memories with random unit vectors of `dims` (of the
+    embedder `space`; None: the provider's, as rows stored before spaces were recorded).
 
     Rows go through the ORM models (so the encrypted columns are encrypted exactly as
     LocalMemory.add does), in one transaction per user: thousands of single commits would
@@ -485,7 +486,7 @@ async def seed_memories(url: str, users: Iterable[int], per_user: int, dims: int
                         id=f"{user_id}:m{i}", user_id=user_id, session_id=closed.id,
                         title=f"Topic {i}", text=MEMORY_TEXT.format(title=f"Topic {i}",
                                                                    topic=f"topic number {i}"),
-                        role="personal_assistant", embedding=vectors[i].tobytes(),
+                        role="personal_assistant", embedding=vectors[i].tobytes(), space=space,
                         started_at=now - dt.timedelta(days=i), ended_at=now,
                     )
                     for i in range(per_user)

@@ -45,7 +45,9 @@ What is measured (each a bot process of its own, SQLite, against the fakes on lo
   start-up        `python bot.py` to its first getUpdates (bench.startup): fresh = an empty
                   data directory and database (migrations, key file); warm = the same again.
   200 at once     200 users, one message each at the same moment, zero-latency model, after a
-                  warm-up of 60 (bench.throughput): answers per second and the peak RSS (VmHWM)
+                  warm-up of 60 (bench.throughput): answers per second and the peak RSS (VmHWM).
+                  Every user has one long-term memory, as returning users do: each answer
+                  recalls, so the default local embedder is loaded and in the figure.
   1,000 in flight 1,000 users at once on a 1 s model, same process: its peak RSS
 """
 
@@ -173,7 +175,7 @@ async def main(argv: list[str]) -> int:
     print("start-up ...", flush=True)
     data["startup"] = await startups(args.runs)
     print("200 users at once, then 1,000 on a 1 s model ...", flush=True)
-    data["load"] = await throughput.run_db("sqlite", 200, [1000], 150.0)
+    data["load"] = await throughput.run_db("sqlite", 200, [1000], 150.0, memories=True)
     checks = report(data)
     path = write_result("lean", {"explain": EXPLAIN, **data, "figures": figures(data),
                                  "checks": [c.__dict__ for c in checks]})

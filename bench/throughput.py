@@ -24,6 +24,7 @@ from bench.common import (
     new_key,
     pg_available,
     seed_history,
+    seed_memories,
     summary,
     table,
     tag,
@@ -49,6 +50,7 @@ What is measured
 """
 
 WARMUP_USERS = 60
+LOCAL_DIMS = 256  # memory.embedders.LocalEmbedder, the default
 
 
 async def burst(tg: BenchTelegram, users: list[int], round_no: int,
@@ -82,8 +84,12 @@ async def burst(tg: BenchTelegram, users: list[int], round_no: int,
 
 
 async def run_db(kind: str, burst_users: int, slow_users: list[int],
-                 timeout: float) -> dict[str, Any]:
-    """One bot on a fresh database: warm-up, the zero-latency burst, then the slow-model bursts."""
+                 timeout: float, memories: bool = False) -> dict[str, Any]:
+    """One bot on a fresh database: warm-up, the zero-latency burst, then the slow-model bursts.
+
+    memories: every user has one long-term memory, as a returning user does, so each answer
+    recalls (the question embedded by the default local model, then searched).
+    """
     biggest = max([burst_users, *slow_users])
     users = [100_000 + i for i in range(biggest)]
     warm = [900_000 + i for i in range(WARMUP_USERS)]
@@ -94,6 +100,10 @@ async def run_db(kind: str, burst_users: int, slow_users: list[int],
         install_cipher(key)
         # Sessions exist already (one exchange each): the burst measures answering, not sign-up.
         await seed_history(db.url, users + warm, 2)
+        if memories:
+            from memory.embedders import LocalEmbedder
+
+            await seed_memories(db.url, users + warm, 1, LOCAL_DIMS, space=LocalEmbedder.space)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         gc_path = RESULTS_DIR / f"gc-throughput-{kind}.json"
         gc_path.unlink(missing_ok=True)

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
     from graph.model import ModelGateway
     from settings import Settings
 
@@ -68,17 +73,16 @@ class LocalEmbedder:
     space = "local:wordllama-l2_supercat-256"
 
     def __init__(self) -> None:
-        self._model: Any = None
+        self._model: MeanOfTokens | None = None
         self._loading: asyncio.Lock | None = None
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
         model = await self.load()
-        vectors = model.embed(texts, norm=True)
-        return [row.tolist() for row in vectors]
+        return model.embed(texts).tolist()
 
-    async def load(self) -> Any:
+    async def load(self) -> MeanOfTokens:
         """The model, read (half a second, in a thread) the first time it is needed."""
         if self._model is None:
             self._loading = self._loading or asyncio.Lock()
@@ -89,16 +93,15 @@ class LocalEmbedder:
 
 
 @cache  # one copy per process, shared by every embedder (it is read-only)
-def _load_wordllama() -> Any:
+def _load_wordllama() -> MeanOfTokens:
     # wordllama's own loader looks for the tokenizer under `tokenizer/` while the wheel ships it
     # under `tokenizers/`, and would then fetch it from the Hugging Face hub; the files are read
-    # here directly instead, after their hashes are checked.
-    import wordllama
+    # here directly instead, after their hashes are checked. The package itself is not imported
+    # (its __init__ configures logging and loads its training helpers): only its files are used.
     from safetensors import safe_open
     from tokenizers import Tokenizer
-    from wordllama.inference import WordLlamaInference
 
-    root = Path(wordllama.__file__).parent
+    root = wordllama_dir()
     for name, expected in WORDLLAMA_FILES.items():
         digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
         if digest != expected:
@@ -107,8 +110,45 @@ def _load_wordllama() -> Any:
             )
     tokenizer = Tokenizer.from_file(str(root / "tokenizers/l2_supercat_tokenizer_config.json"))
     with safe_open(str(root / "weights/l2_supercat_256.safetensors"), framework="np") as weights:
-        embedding = weights.get_tensor("embedding.weight")
-    return WordLlamaInference(embedding, tokenizer)
+        matrix = weights.get_tensor("embedding.weight")
+    return MeanOfTokens(matrix, tokenizer)
+
+
+def wordllama_dir() -> Path:
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFilesChanged("the wordllama package is not installed; install requirements.txt")
+    return Path(spec.submodule_search_locations[0])
+
+
+class MeanOfTokens:
+    """WordLlama's inference: a text's vector is the mean of its tokens' rows of the embedding
+    matrix, scaled to unit length.
+
+    wordllama's WordLlamaInference does the same but first widens the whole 32,000 x 256
+    float16 matrix to float32, 32 MB more for the life of the process; widening only the rows
+    of the text at hand gives the same vectors (float16 -> float32 is exact) with half the
+    memory. tests/test_memory_recall.py compares the two.
+    """
+
+    def __init__(self, matrix: np.ndarray, tokenizer: Tokenizer) -> None:
+        self.matrix = matrix
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()  # each text is summed alone: no pad tokens to mask out
+        tokenizer.no_truncation()  # a long text is the mean of all of it, as in wordllama
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.matrix.shape[1]), dtype=np.float32)
+        last_id = self.matrix.shape[0] - 1
+        for vector, encoded in zip(
+            vectors, self.tokenizer.encode_batch(texts, add_special_tokens=False), strict=True
+        ):
+            if encoded.ids:
+                rows = self.matrix[np.clip(np.asarray(encoded.ids), 0, last_id)]
+                vector[:] = rows.sum(axis=0, dtype=np.float32) / np.float32(len(encoded.ids))
+        # A text without tokens stays all zeros (wordllama would divide it into NaNs).
+        lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.divide(vectors, lengths, out=vectors, where=lengths > 0)
 
 
 def build_embedder(settings: Settings, models: ModelGateway) -> Embedder:

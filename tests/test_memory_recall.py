@@ -189,3 +189,41 @@ async def test_the_local_model_embeds_meaning_offline() -> None:
 
     assert len(dog) == 256
     assert cosine(dog, puppy) > cosine(dog, taxes) + 0.1
+
+
+def test_the_local_model_gives_the_vectors_of_wordllamas_own_inference() -> None:
+    """Stored memories were embedded by wordllama's WordLlamaInference: the lighter inference
+    must put questions in the same space, or recall would quietly drift."""
+    import numpy as np
+    from wordllama.inference import WordLlamaInference
+
+    from memory.embedders import _load_wordllama
+
+    ours = _load_wordllama.__wrapped__()  # a copy of its own: the reference changes the tokenizer
+    reference = WordLlamaInference(ours.matrix, _load_wordllama.__wrapped__().tokenizer)
+    texts = [
+        "my dog loves long walks",
+        "Напомни мне завтра позвонить маме в 9 утра",
+        "x",
+        "def retry(fn, attempts=3):\n    return fn()  # 🙂 <|endoftext|>",
+        "a long session summary " * 300,
+    ]
+
+    expected = reference.embed(texts, norm=True)
+    # One text at a time and all together (the reference pads a batch to its longest text).
+    assert np.allclose(ours.embed(texts), expected, rtol=0, atol=1e-6)
+    assert np.allclose(ours.embed(texts[1:2]), expected[1:2], rtol=0, atol=1e-6)
+    assert not np.allclose(ours.embed(texts[:1]), expected[1:2], rtol=0, atol=1e-6)
+
+
+def test_a_text_without_tokens_gets_a_zero_vector_not_nans() -> None:
+    import numpy as np
+
+    from memory.embedders import _load_wordllama
+
+    vectors = _load_wordllama().embed(["", "hello"])
+
+    assert not np.isnan(vectors).any()
+    assert not vectors[0].any()
+    assert np.isclose(np.linalg.norm(vectors[1]), 1.0)
+
