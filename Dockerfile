@@ -9,6 +9,9 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY . .
+# Compiled once here: with PYTHONDONTWRITEBYTECODE every start would compile the bot's own
+# modules again (~0.1 s of each start-up), and the image is read-only to the bot's user anyway.
+RUN python -m compileall -q -x '(^|/)(tests|bench)/' .
 RUN useradd --create-home --uid 10001 desktop && mkdir -p /data && chown desktop /data
 USER desktop
 VOLUME ["/data"]
