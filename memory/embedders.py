@@ -83,7 +83,7 @@ class LocalEmbedder:
         return model.embed(texts).tolist()
 
     async def load(self) -> MeanOfTokens:
-        """The model, read (half a second, in a thread) the first time it is needed."""
+        """The model, read (a third of a second, in a thread) the first time it is needed."""
         if self._model is None:
             self._loading = self._loading or asyncio.Lock()
             async with self._loading:
